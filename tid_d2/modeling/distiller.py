@@ -1,0 +1,406 @@
+"""TIDDistiller: a detectron2 meta-architecture that trains a student detector while imitating a
+frozen teacher's FPN features where Task Integration Distillation says it matters.
+
+Checkpoint layout: ``state_dict()`` holds the student under exactly the keys of a plain detectron2
+model built from the student's config, plus the adapters under ``tid_adapters.``; the teacher is
+not a registered submodule, so it is neither saved, nor optimised, nor wrapped by DDP.
+"""
+import logging
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from detectron2.config import configurable
+from detectron2.modeling import META_ARCH_REGISTRY, build_model
+from detectron2.utils.events import get_event_storage
+from torch import nn
+
+from .imitation import FeatureAdapters, region_imitation_loss
+from .probes import DetectorProbe, build_probe
+from .regions import (
+    RegionParams,
+    gt_mask_regions,
+    ldam_regions,
+    uniform_regions,
+    valid_mask,
+)
+from .significance import paint_boxes
+from .teacher import build_teacher
+
+__all__ = ["TIDDistiller", "student_cfg_from", "TID_MODES"]
+
+logger = logging.getLogger(__name__)
+
+TID_MODES = ("tid", "fitnet", "gt_mask", "cls_only", "reg_only", "no_ldam", "none")
+_SIG_MODES = ("tid", "cls_only", "reg_only", "no_ldam")
+_STUDENT = "student."
+
+
+def student_cfg_from(cfg):
+    """The student's plain detectron2 config: ``cfg`` with META_ARCHITECTURE = the student's."""
+    scfg = cfg.clone()
+    scfg.defrost()
+    if scfg.MODEL.META_ARCHITECTURE == "TIDDistiller":
+        scfg.MODEL.META_ARCHITECTURE = cfg.TID.STUDENT_META_ARCHITECTURE
+    if scfg.MODEL.META_ARCHITECTURE == "TIDDistiller":
+        raise ValueError("TID.STUDENT_META_ARCHITECTURE cannot be TIDDistiller")
+    scfg.freeze()
+    return scfg
+
+
+def validate_tid_cfg(cfg) -> None:
+    """Reject impossible TID settings with a message that says what to fix."""
+    tid = cfg.TID
+    if tid.MODE not in TID_MODES:
+        raise ValueError(f"unknown TID.MODE {tid.MODE!r}; choose one of {', '.join(TID_MODES)}")
+
+    def check_unit(name, values, n):
+        values = list(values)
+        if len(values) != n or any(not (0.0 <= float(v) <= 1.0) for v in values):
+            raise ValueError(f"{name} must be {n} number(s) in [0, 1], got {values}")
+        if n == 2 and values[0] > values[1]:
+            raise ValueError(f"{name} must be (low, high) with low <= high, got {values}")
+
+    check_unit("TID.SIG.CLS_THRESHOLDS", tid.SIG.CLS_THRESHOLDS, 2)
+    check_unit("TID.SIG.ANCHOR_FREE_IOU_THRESHOLDS", tid.SIG.ANCHOR_FREE_IOU_THRESHOLDS, 2)
+    check_unit("TID.SIG.SINGLE_THRESHOLD_NEG", [tid.SIG.SINGLE_THRESHOLD_NEG], 1)
+    if len(tid.SIG.IOU_THRESHOLDS):
+        check_unit("TID.SIG.IOU_THRESHOLDS", tid.SIG.IOU_THRESHOLDS, 2)
+    if tid.LOSS_WEIGHT < 0 or tid.WARMUP_ITERS < 0:
+        raise ValueError("TID.LOSS_WEIGHT and TID.WARMUP_ITERS must be >= 0")
+    RegionParams(  # validates rule and weights
+        weak_rule=tid.REGION.WEAK_RULE, weights=tuple(float(w) for w in tid.REGION.WEIGHTS)
+    )
+
+
+@META_ARCH_REGISTRY.register()
+class TIDDistiller(nn.Module):
+    """Frozen teacher + trainable student, with the TID feature-imitation loss in training.
+
+    In eval mode (and with ``TID.MODE none``) it is exactly the student.
+    """
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        student: nn.Module,
+        student_cfg,
+        teacher: Optional[nn.Module],
+        teacher_cfg,
+        mode: str,
+        in_features: List[str],
+        loss_weight: float,
+        warmup_iters: int,
+        adapter_mode: str,
+        region_params: RegionParams,
+        vis_period: int,
+        tid_cfg,
+    ):
+        """
+        Args:
+            student, student_cfg: the trainable detector and its plain detectron2 config.
+            teacher, teacher_cfg: the frozen detector (None with mode "none") and its config.
+            mode: one of TID_MODES.
+            in_features: distilled FPN levels (empty = every level the student's heads read).
+            loss_weight, warmup_iters: lambda and its linear ramp.
+            adapter_mode: "auto" or "conv" (see TID.ADAPTER).
+            region_params: kappa, weak rule and alpha weights.
+            vis_period: put significance pictures into the event storage every this many iters.
+            tid_cfg: the whole config (for the significance thresholds).
+        """
+        super().__init__()
+        if mode not in TID_MODES:
+            raise ValueError(f"unknown TID.MODE {mode!r}; choose one of {', '.join(TID_MODES)}")
+        self.student = student
+        self.student_cfg = student_cfg
+        self.mode = mode
+        self.loss_weight = float(loss_weight)
+        self.warmup_iters = int(warmup_iters)
+        self.region_params = region_params
+        self.vis_period = vis_period
+        # Not registered: kept out of state_dict, parameters(), the optimizer and DDP.
+        self.__dict__["teacher"] = teacher
+        self.teacher_cfg = teacher_cfg
+        self.student_probe: Optional[DetectorProbe] = None
+        self.teacher_probe: Optional[DetectorProbe] = None
+        self.in_features: List[str] = []
+        if mode != "none":
+            if teacher is None:
+                raise ValueError(f"TID.MODE {mode!r} needs a teacher (TID.TEACHER.*)")
+            self.student_probe = build_probe(student, student_cfg, tid_cfg)
+            self.teacher_probe = build_probe(teacher, teacher_cfg, tid_cfg)
+            self.in_features = self._check_pairing(list(in_features))
+            s_shapes = student.backbone.output_shape()
+            t_shapes = teacher.backbone.output_shape()
+            self.tid_adapters = FeatureAdapters(
+                {f: s_shapes[f].channels for f in self.in_features},
+                {f: t_shapes[f].channels for f in self.in_features},
+                adapter_mode,
+            )
+            self._teacher_flip = self._check_formats(student_cfg.INPUT.FORMAT, teacher_cfg.INPUT.FORMAT)
+            self.tid_adapters.to(self.device)
+        self.register_state_dict_post_hook(_strip_student_prefix)
+        self.register_load_state_dict_pre_hook(_add_student_prefix)
+
+    @classmethod
+    def from_config(cls, cfg):
+        validate_tid_cfg(cfg)
+        scfg = student_cfg_from(cfg)
+        student = build_model(scfg)
+        teacher, tcfg = (None, None) if cfg.TID.MODE == "none" else build_teacher(cfg)
+        return {
+            "student": student,
+            "student_cfg": scfg,
+            "teacher": teacher,
+            "teacher_cfg": tcfg,
+            "mode": cfg.TID.MODE,
+            "in_features": list(cfg.TID.IN_FEATURES),
+            "loss_weight": cfg.TID.LOSS_WEIGHT,
+            "warmup_iters": cfg.TID.WARMUP_ITERS,
+            "adapter_mode": cfg.TID.ADAPTER,
+            "region_params": RegionParams(
+                key_thresh=cfg.TID.REGION.KEY_THRESH,
+                weak_rule=cfg.TID.REGION.WEAK_RULE,
+                weak_thresh=cfg.TID.REGION.WEAK_THRESH,
+                weak_ratio=cfg.TID.REGION.WEAK_RATIO,
+                weights=tuple(float(w) for w in cfg.TID.REGION.WEIGHTS),
+            ),
+            "vis_period": cfg.VIS_PERIOD,
+            "tid_cfg": cfg,
+        }
+
+    # ------------------------------------------------------------------------- set-up checks
+    def _check_pairing(self, in_features: List[str]) -> List[str]:
+        s_probe, t_probe = self.student_probe, self.teacher_probe
+        n_s, n_t = s_probe.num_classes(), t_probe.num_classes()
+        if n_s != n_t:
+            raise ValueError(
+                f"teacher and student detect different numbers of classes ({n_t} vs {n_s}): "
+                "distil between detectors trained on the same classes (check NUM_CLASSES in both "
+                "configs)."
+            )
+        if not in_features:
+            in_features = s_probe.head_levels
+        s_shapes = self.student.backbone.output_shape()
+        t_shapes = self.teacher.backbone.output_shape()
+        for level in in_features:
+            for who, shapes in (("student", s_shapes), ("teacher", t_shapes)):
+                if level not in shapes:
+                    raise ValueError(
+                        f"TID.IN_FEATURES level '{level}' is not an output of the {who}'s backbone "
+                        f"(it has {sorted(shapes)})."
+                    )
+            if s_shapes[level].stride != t_shapes[level].stride:
+                raise ValueError(
+                    f"level '{level}' has stride {s_shapes[level].stride} in the student but "
+                    f"{t_shapes[level].stride} in the teacher: paired levels must have the same "
+                    "stride (check the FPN/backbone of both configs or TID.IN_FEATURES)."
+                )
+            if self.mode in _SIG_MODES:
+                for who, probe in (("student", s_probe), ("teacher", t_probe)):
+                    if level not in probe.head_levels:
+                        raise ValueError(
+                            f"level '{level}' is distilled but the {who}'s detection head does "
+                            f"not read it (its heads read {probe.head_levels}), so it has no "
+                            "significance there; remove it from TID.IN_FEATURES."
+                        )
+        sdiv = self.student.backbone.size_divisibility
+        tdiv = self.teacher.backbone.size_divisibility
+        if sdiv and tdiv and sdiv % tdiv:
+            raise ValueError(
+                f"the teacher's backbone needs inputs padded to multiples of {tdiv}, the student's "
+                f"pads to {sdiv}; use backbones whose size_divisibility divides the student's."
+            )
+        return list(in_features)
+
+    @staticmethod
+    def _check_formats(student_format: str, teacher_format: str) -> bool:
+        if student_format == teacher_format:
+            return False
+        if {student_format, teacher_format} == {"RGB", "BGR"}:
+            return True
+        raise ValueError(
+            f"the student reads {student_format} images and the teacher {teacher_format}; only "
+            "RGB <-> BGR can be converted."
+        )
+
+    # ------------------------------------------------------------------------- module plumbing
+    @property
+    def device(self) -> torch.device:
+        return self.student.device
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        if self.teacher is not None:
+            self.teacher._apply(fn)
+        return self
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()  # frozen: BN statistics and dropout stay in eval mode
+        return self
+
+    # ------------------------------------------------------------------------- forward
+    def forward(self, batched_inputs: List[Dict]):
+        """detectron2 model interface: losses in training, the student's outputs in eval."""
+        if not self.training or self.mode == "none":
+            try:
+                return self.student(batched_inputs)
+            finally:
+                self._clear()
+        try:
+            losses = self.student(batched_inputs)
+            losses.update(self._distill(batched_inputs))
+            return losses
+        finally:
+            self._clear()
+
+    def _clear(self):
+        for probe in (self.student_probe, self.teacher_probe):
+            if probe is not None:
+                probe.clear()
+
+    def _teacher_images(self, batched_inputs, padded_hw: Tuple[int, int]):
+        """Raw images -> the teacher's format and normalisation, padded like the student's."""
+        from detectron2.structures import ImageList
+
+        t = self.teacher
+        h, w = padded_hw
+        batch = torch.zeros(len(batched_inputs), 3, h, w, device=self.device)
+        sizes = []
+        for i, x in enumerate(batched_inputs):
+            img = x["image"].to(self.device).float()
+            if self._teacher_flip:
+                img = img.flip(0)
+            img = (img - t.pixel_mean) / t.pixel_std
+            batch[i, :, : img.shape[1], : img.shape[2]] = img
+            sizes.append(tuple(img.shape[1:]))
+        return ImageList(batch, sizes)
+
+    def lambda_now(self, iteration: int) -> float:
+        """lambda after the linear warm-up."""
+        if self.warmup_iters <= 0:
+            return self.loss_weight
+        return self.loss_weight * min(1.0, (iteration + 1) / self.warmup_iters)
+
+    def _distill(self, batched_inputs) -> Dict[str, torch.Tensor]:
+        storage = _storage()
+        iteration = storage.iter if storage is not None else 0
+        s_feats = self.student_probe.features
+        for level in self.in_features:
+            if not torch.isfinite(s_feats[level]).all():
+                raise FloatingPointError(
+                    f"student FPN feature '{level}' has NaN/Inf at iteration {iteration}: the "
+                    "student diverged (lower SOLVER.BASE_LR, enable SOLVER.CLIP_GRADIENTS) or an "
+                    "input image has NaN/Inf. Raised before the optimizer step: weights unchanged."
+                )
+        padded = tuple(self.student_probe.captured["input_shape"][-2:])
+        image_sizes = [tuple(x["image"].shape[-2:]) for x in batched_inputs]
+        gt = [x["instances"].to(self.device) for x in batched_inputs]
+
+        with torch.no_grad():
+            self.teacher_probe.run(
+                self._teacher_images(batched_inputs, padded), self.student_probe.roi_boxes()
+            )
+            t_feats = self.teacher_probe.features
+            sig_t = sig_s = None
+            if self.mode in _SIG_MODES:
+                sig_t = self.teacher_probe.significance(gt, image_sizes)
+                sig_s = self.student_probe.significance(gt, image_sizes)
+            regions = {}
+            for level in self.in_features:
+                n, _, h, w = s_feats[level].shape
+                stride = self.student.backbone.output_shape()[level].stride
+                valid = valid_mask(image_sizes, (h, w), stride, self.device)
+                regions[level] = self._regions(level, valid, sig_t, sig_s, gt, stride)
+
+        lam = self.lambda_now(iteration)
+        losses = {}
+        for level in self.in_features:
+            adapted = self.tid_adapters(level, s_feats[level])
+            loss = region_imitation_loss(adapted, t_feats[level], regions[level][1])
+            losses[f"loss_tid_{level}"] = lam * loss
+        if storage is not None:
+            self._log(storage, regions, sig_t, sig_s, lam, batched_inputs)
+        return losses
+
+    def _regions(self, level, valid, sig_t, sig_s, gt, stride):
+        """(valid mask, [(name, mask, alpha)]) of one level for the current mode."""
+        if self.mode == "fitnet":
+            return valid, uniform_regions(valid)
+        if self.mode == "gt_mask":
+            boxes = torch.cat([g.gt_boxes.tensor for g in gt])
+            batch_idx = torch.cat(
+                [torch.full((len(g),), i, dtype=torch.long, device=self.device) for i, g in enumerate(gt)]
+            )
+            inside = paint_boxes(boxes, torch.ones(len(boxes), device=self.device), batch_idx, valid.shape, stride)
+            return valid, gt_mask_regions(inside > 0, valid, self.region_params)
+        return valid, ldam_regions(
+            sig_t[level], sig_s[level], valid, self.region_params, use_weak=self.mode != "no_ldam"
+        )
+
+    @torch.no_grad()
+    def _log(self, storage, regions, sig_t, sig_s, lam, batched_inputs):
+        """Region shares, mean significance and (every vis_period) pictures into the storage."""
+        total = sum(v.sum() for v, _ in regions.values()).clamp(min=1).float()
+        shares: Dict[str, torch.Tensor] = {}
+        for _valid, regs in regions.values():
+            for name, mask, _alpha in regs:
+                shares[name] = shares.get(name, 0) + mask.sum()
+        scalars = {f"tid/{name}_share": float(v) / float(total) for name, v in shares.items()}
+        scalars["tid/lambda"] = lam
+        if sig_t is not None:
+            for who, sig in (("teacher", sig_t), ("student", sig_s)):
+                num = sum((sig[lv] * regions[lv][0]).sum() for lv in self.in_features)
+                scalars[f"tid/sig_{who}_mean"] = float(num) / float(total)
+        storage.put_scalars(**scalars, smoothing_hint=True)
+        if self.vis_period > 0 and storage.iter % self.vis_period == 0:
+            from ..visualization import significance_panel
+
+            level = self.in_features[0]
+            panel = significance_panel(
+                batched_inputs[0],
+                self.student_cfg.INPUT.FORMAT,
+                level,
+                sig_t[level][0] if sig_t is not None else None,
+                sig_s[level][0] if sig_s is not None else None,
+                [(name, m[0]) for name, m, _ in regions[level][1]],
+            )
+            storage.put_image(f"tid/significance_{level}", torch.from_numpy(panel).permute(2, 0, 1).float() / 255.0)
+
+
+def _storage():
+    try:
+        return get_event_storage()
+    except AssertionError:  # called outside a trainer (tests, tools)
+        return None
+
+
+def _strip_student_prefix(module, state_dict, prefix, local_metadata):
+    """state_dict post-hook: ``student.x`` -> ``x`` so a plain student model loads it as is."""
+    items = list(state_dict.items())
+    state_dict.clear()
+    for key, value in items:
+        if key.startswith(prefix + _STUDENT):
+            key = prefix + key[len(prefix) + len(_STUDENT) :]
+        state_dict[key] = value
+    meta = getattr(state_dict, "_metadata", None)
+    if meta is not None:
+        for key in [k for k in meta if k.startswith(prefix + _STUDENT)]:
+            meta[prefix + key[len(prefix) + len(_STUDENT) :]] = meta.pop(key)
+
+
+def _add_student_prefix(module, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
+    """load_state_dict pre-hook: plain student keys (and old ``student.`` keys) both load."""
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        rest = key[len(prefix) :]
+        if rest.startswith(_STUDENT) or rest.startswith("tid_adapters."):
+            continue
+        state_dict[prefix + _STUDENT + rest] = state_dict.pop(key)
+    meta = getattr(state_dict, "_metadata", None)
+    if meta is not None:
+        for key in [k for k in meta if k.startswith(prefix) and len(k) > len(prefix)]:
+            rest = key[len(prefix) :]
+            if not rest.startswith(_STUDENT) and not rest.startswith("tid_adapters"):
+                meta[prefix + _STUDENT + rest] = meta[key]

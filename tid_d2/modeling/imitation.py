@@ -1,0 +1,62 @@
+"""SFDM: region-weighted FPN feature imitation (docs/method.md, section 3).
+
+    L_l = lambda * sum_r alpha_r / (|r| * C_T) * sum_{i in r} || phi_l(F^S_l)_i - F^T_l,i ||^2
+
+Each region is normalised by its own location count over the whole batch, so the loss does not
+change when the same images are repeated in a batch, nor with the number of objects per image.
+"""
+from typing import Dict, List, Tuple
+
+import torch
+from torch import nn
+
+__all__ = ["FeatureAdapters", "region_imitation_loss"]
+
+
+class FeatureAdapters(nn.Module):
+    """phi_l: one 1x1 conv per distilled level (identity when widths match and mode is "auto").
+
+    Held in an ``nn.ModuleDict`` so the adapters are trained, saved and moved with the model.
+    """
+
+    def __init__(self, student_channels: Dict[str, int], teacher_channels: Dict[str, int], mode="auto"):
+        super().__init__()
+        if mode not in ("auto", "conv"):
+            raise ValueError(f"TID.ADAPTER must be 'auto' or 'conv', got {mode!r}")
+        self.adapters = nn.ModuleDict()
+        for level, c_s in student_channels.items():
+            c_t = teacher_channels[level]
+            if mode == "conv" or c_s != c_t:
+                conv = nn.Conv2d(c_s, c_t, kernel_size=1)
+                nn.init.kaiming_uniform_(conv.weight, a=1)
+                nn.init.zeros_(conv.bias)
+                self.adapters[level] = conv
+
+    def forward(self, level: str, x: torch.Tensor) -> torch.Tensor:
+        """(N, C_S, H, W) -> (N, C_T, H, W)."""
+        return self.adapters[level](x) if level in self.adapters else x
+
+
+def region_imitation_loss(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    regions: List[Tuple[str, torch.Tensor, float]],
+) -> torch.Tensor:
+    """Region-normalised squared error of one level, in fp32.
+
+    Args:
+        student: (N, C, H, W) adapted student features (any float dtype; with grad).
+        teacher: (N, C, H, W) teacher features.
+        regions: [(name, mask (N, H, W) bool, alpha)].
+    Returns:
+        scalar fp32 loss (before lambda).
+    """
+    diff = (student.float() - teacher.float().detach()).pow(2).sum(dim=1)  # (N, H, W)
+    c_t = teacher.shape[1]
+    total = diff.new_zeros(())
+    for _name, mask, alpha in regions:
+        if alpha == 0:
+            continue
+        m = mask.to(diff.dtype)
+        total = total + alpha * (diff * m).sum() / (m.sum().clamp(min=1.0) * c_t)
+    return total

@@ -1,0 +1,224 @@
+"""DIEM: dual-task significance of predictions (docs/method.md, section 1).
+
+Pure tensor maths, no detectron2 models: a probe (``probes.py``) turns a detector's head outputs
+into predicted boxes and class probabilities, and the functions here score them:
+
+    Score_r = tier(IoU_max(b_i, GT); t_neg, t_pos)       localization
+    Score_c = tier(q_i; s_neg, s_pos)                    classification
+    Sig_i   = Score_c * Score_r                          in [0.16, 4.0] with the default tiers
+
+Everything runs under ``torch.no_grad()`` and in fp32, whatever dtype the inputs have, so it is
+safe under AMP.
+"""
+from dataclasses import dataclass
+from typing import List, Sequence, Tuple
+
+import torch
+from torchvision.ops import box_iou
+
+__all__ = [
+    "SigParams",
+    "tier",
+    "match_to_gt",
+    "classification_quality",
+    "significance",
+    "paint_boxes",
+]
+
+# Upper bound of elements of one IoU block (predictions x GT boxes): 4M floats = 16 MB.
+_IOU_BLOCK = 1 << 22
+
+
+@dataclass(frozen=True)
+class SigParams:
+    """Thresholds and tier values of one model's significance.
+
+    Attributes:
+        iou_thresholds: (t_neg, t_pos) of Score_r.
+        cls_thresholds: (s_neg, s_pos) of Score_c.
+        values: (low, mid, high) tier values, 0.4 / 1.5 / 2.0 in the paper.
+        use_cls: False replaces Score_c by ``ablated_score`` (the ``reg_only`` variant).
+        use_reg: False replaces Score_r by ``ablated_score`` (the ``cls_only`` variant).
+        ablated_score: value of a switched-off score.
+    """
+
+    iou_thresholds: Tuple[float, float]
+    cls_thresholds: Tuple[float, float] = (0.2, 0.5)
+    values: Tuple[float, float, float] = (0.4, 1.5, 2.0)
+    use_cls: bool = True
+    use_reg: bool = True
+    ablated_score: float = 2.0
+
+    def __post_init__(self):
+        for name in ("iou_thresholds", "cls_thresholds"):
+            lo, hi = getattr(self, name)
+            if not (0.0 <= lo <= hi <= 1.0):
+                raise ValueError(
+                    f"significance {name} must satisfy 0 <= low <= high <= 1, got ({lo}, {hi}); "
+                    "fix TID.SIG.* or the detector's IOU_THRESHOLDS."
+                )
+        if len(self.values) != 3:
+            raise ValueError(f"TID.SIG.SCORE_VALUES needs 3 values, got {list(self.values)}")
+
+
+def tier(x: torch.Tensor, lo: float, hi: float, values: Sequence[float]) -> torch.Tensor:
+    """Three-tier score: ``values[2]`` if x >= hi, ``values[1]`` if lo < x < hi, else ``values[0]``.
+
+    Args:
+        x: any shape, fp32.
+    Returns:
+        Tensor of x's shape and dtype.
+    """
+    low, mid, high = (float(v) for v in values)
+    out = torch.full_like(x, low)
+    out = torch.where(x > lo, torch.full_like(x, mid), out)
+    return torch.where(x >= hi, torch.full_like(x, high), out)
+
+
+@torch.no_grad()
+def match_to_gt(
+    pred_boxes: List[torch.Tensor], gt_boxes: List[torch.Tensor], gt_classes: List[torch.Tensor]
+) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+    """Best-overlapping GT of every predicted box, image by image (as detectron2's matchers are).
+
+    The IoU matrix is built in blocks of at most ``_IOU_BLOCK`` elements, so an image with
+    thousands of GT boxes needs a bounded amount of memory.
+
+    Args:
+        pred_boxes: per image, (M_i, 4) XYXY boxes.
+        gt_boxes: per image, (G_i, 4) XYXY boxes; G_i may be 0.
+        gt_classes: per image, (G_i,) int64 class ids.
+    Returns:
+        iou_max: per image, (M_i,) fp32, 0 where the image has no GT.
+        matched_class: per image, (M_i,) int64 class of the best GT, -1 where the image has no GT.
+    """
+    ious, classes = [], []
+    for boxes, gts, cls in zip(pred_boxes, gt_boxes, gt_classes):
+        boxes = boxes.float()
+        m = boxes.shape[0]
+        best = torch.zeros(m, device=boxes.device)
+        best_cls = torch.full((m,), -1, dtype=torch.long, device=boxes.device)
+        if gts.numel() > 0 and m > 0:
+            gts = gts.float().to(boxes.device)
+            cls = cls.to(boxes.device)
+            best_idx = torch.zeros(m, dtype=torch.long, device=boxes.device)
+            rows = max(1, _IOU_BLOCK // max(1, gts.shape[0]))
+            cols = max(1, _IOU_BLOCK // rows)
+            for r0 in range(0, m, rows):
+                blk_best = torch.full((min(rows, m - r0),), -1.0, device=boxes.device)
+                blk_idx = torch.zeros_like(blk_best, dtype=torch.long)
+                for c0 in range(0, gts.shape[0], cols):
+                    iou = box_iou(boxes[r0 : r0 + rows], gts[c0 : c0 + cols])
+                    v, i = iou.max(dim=1)
+                    better = v > blk_best
+                    blk_best = torch.where(better, v, blk_best)
+                    blk_idx = torch.where(better, i + c0, blk_idx)
+                best[r0 : r0 + rows] = blk_best.clamp(min=0)
+                best_idx[r0 : r0 + rows] = blk_idx
+            best_cls = cls[best_idx]
+        ious.append(best)
+        classes.append(best_cls)
+    return ious, classes
+
+
+@torch.no_grad()
+def classification_quality(
+    probs: torch.Tensor, matched_class: torch.Tensor, is_foreground: torch.Tensor, background: str
+) -> torch.Tensor:
+    """q_i: the model's confidence in the right answer at each prediction.
+
+    Args:
+        probs: (..., C) probabilities. Sigmoid heads: C foreground classes (C = 1 for the RPN's
+            class-agnostic objectness). Softmax heads: C = K + 1 with background last.
+        matched_class: (...) int64 class of the matched GT (-1 or anything where background).
+        is_foreground: (...) bool, IoU_max > t_neg.
+        background: "sigmoid" -> q = 1 - max over foreground classes where background;
+            "softmax" -> q = the background column.
+    Returns:
+        (...) fp32 q in [0, 1].
+    """
+    probs = probs.float()
+    num_fg = probs.shape[-1] - (1 if background == "softmax" else 0)
+    idx = matched_class.clamp(min=0, max=num_fg - 1).unsqueeze(-1)
+    q_fg = probs.gather(-1, idx).squeeze(-1)
+    if background == "sigmoid":
+        q_bg = 1.0 - probs.max(dim=-1).values
+    elif background == "softmax":
+        q_bg = probs[..., -1]
+    else:
+        raise ValueError(f"unknown background mode {background!r}")
+    return torch.where(is_foreground, q_fg, q_bg)
+
+
+@torch.no_grad()
+def significance(
+    iou_max: torch.Tensor,
+    probs: torch.Tensor,
+    matched_class: torch.Tensor,
+    params: SigParams,
+    background: str,
+) -> torch.Tensor:
+    """Sig_i = Score_c,i * Score_r,i for a batch of predictions.
+
+    Args:
+        iou_max: (...) fp32 best IoU of each predicted box with the GT of its image.
+        probs, matched_class, background: see :func:`classification_quality`.
+    Returns:
+        (...) fp32 significance.
+    """
+    iou_max = iou_max.float()
+    t_neg, t_pos = params.iou_thresholds
+    s_neg, s_pos = params.cls_thresholds
+    if params.use_reg:
+        score_r = tier(iou_max, t_neg, t_pos, params.values)
+    else:
+        score_r = torch.full_like(iou_max, params.ablated_score)
+    if params.use_cls:
+        q = classification_quality(probs, matched_class, iou_max > t_neg, background)
+        score_c = tier(q, s_neg, s_pos, params.values)
+    else:
+        score_c = torch.full_like(iou_max, params.ablated_score)
+    return score_c * score_r
+
+
+@torch.no_grad()
+def paint_boxes(
+    boxes: torch.Tensor,
+    values: torch.Tensor,
+    batch_idx: torch.Tensor,
+    shape: Tuple[int, int, int],
+    stride: int,
+    max_elements: int = 1 << 24,
+) -> torch.Tensor:
+    """Paint a value over each box's footprint on a feature map, keeping the max per location.
+
+    The footprint of a box is every cell [x*s, (x+1)*s) x [y*s, (y+1)*s) that it overlaps, so a
+    box smaller than a cell still covers the cell it lies in.
+
+    Args:
+        boxes: (R, 4) XYXY boxes in input-image pixels.
+        values: (R,) values to paint (>= 0).
+        batch_idx: (R,) int64 image index of each box.
+        shape: (N, H, W) of the output map.
+        stride: the feature map's stride in pixels.
+        max_elements: bound of the (boxes x H x W) block built at once.
+    Returns:
+        (N, H, W) fp32 map, 0 where no box lies.
+    """
+    n, h, w = shape
+    device = boxes.device
+    out = torch.zeros(n, h, w, device=device)
+    if boxes.numel() == 0:
+        return out
+    boxes = boxes.float()
+    xs = torch.arange(w, device=device, dtype=torch.float32) * stride
+    ys = torch.arange(h, device=device, dtype=torch.float32) * stride
+    chunk = max(1, max_elements // max(1, h * w))
+    for r0 in range(0, boxes.shape[0], chunk):
+        b = boxes[r0 : r0 + chunk]
+        in_x = (xs[None, :] < b[:, 2:3]) & (xs[None, :] + stride > b[:, 0:1])  # (r, W)
+        in_y = (ys[None, :] < b[:, 3:4]) & (ys[None, :] + stride > b[:, 1:2])  # (r, H)
+        inside = in_y[:, :, None] & in_x[:, None, :]  # (r, H, W)
+        painted = inside.float() * values[r0 : r0 + chunk].float()[:, None, None]
+        out.index_reduce_(0, batch_idx[r0 : r0 + chunk], painted, "amax", include_self=True)
+    return out
