@@ -7,6 +7,7 @@ Symbols in comments (kappa, delta, alpha, lambda, t_pos, ...) are those of docs/
 """
 import os
 
+import yaml
 from detectron2 import model_zoo
 from detectron2.config import CfgNode as _D2CfgNode
 from detectron2.config import get_cfg as _d2_get_cfg
@@ -16,10 +17,34 @@ __all__ = ["add_tid_config", "get_cfg", "CfgNode", "MODEL_ZOO_PREFIX"]
 # A ``_BASE_`` that starts with this prefix names a config file of detectron2's own model zoo,
 # e.g. ``_BASE_: "@detectron2/Base-RetinaNet.yaml"``: reused, not copied.
 MODEL_ZOO_PREFIX = "@detectron2/"
+_BASE_KEY = "_BASE_"
 
 
 class CfgNode(_D2CfgNode):
-    """detectron2's CfgNode that also resolves ``_BASE_: "@detectron2/<model-zoo path>"``."""
+    """detectron2's CfgNode that also resolves ``_BASE_: "@detectron2/<model-zoo path>"`` and
+    accepts a list of bases, merged in order (``_BASE_: ["@detectron2/Base-RetinaNet.yaml",
+    "../Base-Shapes.yaml"]``), so a family's model base and a dataset's schedule base compose
+    without copying either."""
+
+    @classmethod
+    def load_yaml_with_base(cls, filename: str, allow_unsafe: bool = False):
+        with cls._open_cfg(filename) as f:
+            try:
+                cfg = yaml.safe_load(f)
+            except yaml.YAMLError:  # detectron2's own bases use python tags: let fvcore read them
+                cfg = None
+        bases = cfg.get(_BASE_KEY) if isinstance(cfg, dict) else None
+        if not isinstance(bases, (list, tuple)):
+            return super().load_yaml_with_base(filename, allow_unsafe=allow_unsafe)
+        merged: dict = {}
+        for base in bases:
+            base = os.path.expanduser(base)
+            if not base.startswith("/"):
+                base = os.path.join(os.path.dirname(filename), base)
+            _merge_dicts(cls.load_yaml_with_base(base, allow_unsafe=allow_unsafe), merged)
+        del cfg[_BASE_KEY]
+        _merge_dicts(cfg, merged)
+        return merged
 
     @classmethod
     def _open_cfg(cls, filename):
@@ -30,6 +55,15 @@ class CfgNode(_D2CfgNode):
             rel = os.path.normpath(filename.split(MODEL_ZOO_PREFIX, 1)[1])
             filename = model_zoo.get_config_file(rel)
         return super()._open_cfg(filename)
+
+
+def _merge_dicts(src: dict, dst: dict) -> None:
+    """Recursively merge ``src`` into ``dst`` (src wins)."""
+    for k, v in src.items():
+        if isinstance(v, dict) and isinstance(dst.get(k), dict):
+            _merge_dicts(v, dst[k])
+        else:
+            dst[k] = v
 
 
 def add_tid_config(cfg):

@@ -219,6 +219,7 @@ def paint_boxes(
         in_x = (xs[None, :] < b[:, 2:3]) & (xs[None, :] + stride > b[:, 0:1])  # (r, W)
         in_y = (ys[None, :] < b[:, 3:4]) & (ys[None, :] + stride > b[:, 1:2])  # (r, H)
         inside = in_y[:, :, None] & in_x[:, None, :]  # (r, H, W)
-        painted = inside.float() * values[r0 : r0 + chunk].float()[:, None, None]
-        out.index_reduce_(0, batch_idx[r0 : r0 + chunk], painted, "amax", include_self=True)
+        painted = (inside.float() * values[r0 : r0 + chunk].float()[:, None, None]).view(len(b), -1)
+        index = batch_idx[r0 : r0 + chunk, None].expand(-1, h * w)
+        out.view(n, h * w).scatter_reduce_(0, index, painted, "amax", include_self=True)
     return out

@@ -1,0 +1,220 @@
+"""Hand-computed expectations for DIEM (significance), LDAM (regions) and SFDM (loss)."""
+import pytest
+import torch
+
+from tid_d2.modeling.imitation import region_imitation_loss
+from tid_d2.modeling.regions import (
+    RegionParams,
+    gt_mask_regions,
+    ldam_regions,
+    uniform_regions,
+    valid_mask,
+)
+from tid_d2.modeling.significance import (
+    SigParams,
+    classification_quality,
+    match_to_gt,
+    paint_boxes,
+    significance,
+    tier,
+)
+
+P = SigParams(iou_thresholds=(0.4, 0.5))  # RetinaNet's own thresholds, paper tiers
+
+
+def test_tier_boundaries():
+    x = torch.tensor([0.0, 0.4, 0.41, 0.49, 0.5, 0.9])
+    # <= lo -> low; lo < x < hi -> mid; >= hi -> high
+    assert tier(x, 0.4, 0.5, (0.4, 1.5, 2.0)).tolist() == pytest.approx([0.4, 0.4, 1.5, 1.5, 2.0, 2.0])
+
+
+def test_match_to_gt_iou_and_class():
+    gt = torch.tensor([[0.0, 0.0, 10.0, 10.0], [20.0, 20.0, 30.0, 30.0]])
+    cls = torch.tensor([2, 0])
+    boxes = torch.tensor(
+        [
+            [0.0, 0.0, 10.0, 10.0],  # IoU 1 with gt0
+            [0.0, 0.0, 10.0, 5.0],  # IoU 0.5 with gt0
+            [20.0, 20.0, 30.0, 25.0],  # IoU 0.5 with gt1
+            [50.0, 50.0, 60.0, 60.0],  # no overlap
+        ]
+    )
+    iou, matched = match_to_gt([boxes], [gt], [cls])
+    assert iou[0].tolist() == pytest.approx([1.0, 0.5, 0.5, 0.0])
+    assert matched[0].tolist()[:3] == [2, 2, 0]
+
+
+def test_match_to_gt_no_gt_gives_zero_and_minus_one():
+    iou, matched = match_to_gt([torch.rand(5, 4) * 10], [torch.zeros(0, 4)], [torch.zeros(0, dtype=torch.long)])
+    assert iou[0].tolist() == [0.0] * 5
+    assert matched[0].tolist() == [-1] * 5
+
+
+def test_match_to_gt_blocks_equal_unblocked(monkeypatch):
+    import tid_d2.modeling.significance as sig_mod
+
+    g = torch.Generator().manual_seed(0)
+    xy = torch.rand(300, 2, generator=g) * 100
+    boxes = torch.cat([xy, xy + 5 + torch.rand(300, 2, generator=g) * 30], 1)
+    gxy = torch.rand(57, 2, generator=g) * 100
+    gts = torch.cat([gxy, gxy + 5 + torch.rand(57, 2, generator=g) * 30], 1)
+    cls = torch.randint(0, 5, (57,), generator=g)
+    full = match_to_gt([boxes], [gts], [cls])
+    monkeypatch.setattr(sig_mod, "_IOU_BLOCK", 100)  # forces 2-row x 50-col blocks
+    blocked = match_to_gt([boxes], [gts], [cls])
+    assert torch.equal(full[0][0], blocked[0][0])
+    assert torch.equal(full[1][0], blocked[1][0])
+
+
+def test_classification_quality_sigmoid_and_softmax():
+    probs = torch.tensor([[0.9, 0.05, 0.3], [0.1, 0.2, 0.6]])
+    cls = torch.tensor([0, 2])
+    fg = torch.tensor([True, False])
+    q = classification_quality(probs, cls, fg, "sigmoid")
+    # fg: prob of the GT class; bg: 1 - max foreground prob
+    assert q.tolist() == pytest.approx([0.9, 1 - 0.6])
+    soft = torch.tensor([[0.7, 0.1, 0.2], [0.1, 0.3, 0.6]])  # 2 classes + background column
+    q = classification_quality(soft, torch.tensor([1, 0]), fg, "softmax")
+    assert q.tolist() == pytest.approx([0.1, 0.6])
+
+
+@pytest.mark.parametrize(
+    "iou, p_cls, expected",
+    [
+        (0.8, 0.9, 2.0 * 2.0),  # high loc, high cls -> 4.0
+        (0.8, 0.3, 1.5 * 2.0),  # high loc, mid cls
+        (0.8, 0.1, 0.4 * 2.0),  # high loc, low cls
+        (0.45, 0.9, 2.0 * 1.5),  # mid loc, high cls
+        (0.45, 0.2, 0.4 * 1.5),  # mid loc, cls at s_neg -> low
+        (0.2, 0.05, 2.0 * 0.4),  # background; q = 1 - 0.05 = 0.95 -> high
+        (0.2, 0.6, 1.5 * 0.4),  # background, fg prob 0.6 -> q = 0.4 (mid)
+        (0.2, 0.85, 0.4 * 0.4),  # background, confident false positive -> q = 0.15 (low)
+    ],
+)
+def test_significance_tiers(iou, p_cls, expected):
+    probs = torch.tensor([[p_cls, 0.0]])  # class 0 is the GT class, class 1 at 0
+    sig = significance(torch.tensor([iou]), probs, torch.tensor([0]), P, "sigmoid")
+    assert sig.item() == pytest.approx(expected)
+
+
+def test_significance_background_mid_tier():
+    # background with max fg prob 0.55 -> q = 0.45 (mid) -> 1.5 * 0.4
+    sig = significance(torch.tensor([0.1]), torch.tensor([[0.55, 0.1]]), torch.tensor([0]), P, "sigmoid")
+    assert sig.item() == pytest.approx(0.6)
+
+
+def test_significance_ablated_scores():
+    probs = torch.tensor([[0.9]])
+    cls_only = SigParams(iou_thresholds=(0.4, 0.5), use_reg=False, ablated_score=2.0)
+    reg_only = SigParams(iou_thresholds=(0.4, 0.5), use_cls=False, ablated_score=2.0)
+    # IoU 0.45 (mid, 1.5) and q = 0.9 (high, 2.0)
+    assert significance(torch.tensor([0.45]), probs, torch.tensor([0]), cls_only, "sigmoid").item() == 4.0
+    assert significance(torch.tensor([0.45]), probs, torch.tensor([0]), reg_only, "sigmoid").item() == 3.0
+
+
+def test_significance_is_fp32_from_half_inputs():
+    probs = torch.tensor([[0.9, 0.1]], dtype=torch.float16)
+    sig = significance(torch.tensor([0.8], dtype=torch.bfloat16), probs, torch.tensor([0]), P, "sigmoid")
+    assert sig.dtype == torch.float32 and sig.item() == 4.0
+
+
+def test_sig_params_reject_out_of_range():
+    with pytest.raises(ValueError, match="0 <= low <= high <= 1"):
+        SigParams(iou_thresholds=(0.4, 1.5))
+    with pytest.raises(ValueError, match="0 <= low <= high <= 1"):
+        SigParams(iou_thresholds=(0.4, 0.5), cls_thresholds=(0.6, 0.5))
+
+
+def test_paint_boxes_footprint_and_max():
+    # 4x4 map, stride 8 (32 px image). Box A covers cells x in {0,1}, y in {0}; box B one cell.
+    boxes = torch.tensor([[0.0, 0.0, 12.0, 6.0], [9.0, 1.0, 10.0, 2.0], [20.0, 20.0, 30.0, 30.0]])
+    vals = torch.tensor([1.5, 4.0, 0.6])
+    out = paint_boxes(boxes, vals, torch.tensor([0, 0, 1]), (2, 4, 4), 8)
+    expected0 = torch.zeros(4, 4)
+    expected0[0, 0] = 1.5
+    expected0[0, 1] = 4.0  # max of 1.5 and 4.0; B is smaller than a cell but still paints it
+    expected1 = torch.zeros(4, 4)
+    expected1[2:4, 2:4] = 0.6
+    assert torch.equal(out[0], expected0)
+    assert torch.equal(out[1], expected1)
+    # chunking over boxes gives the same map
+    assert torch.equal(paint_boxes(boxes, vals, torch.tensor([0, 0, 1]), (2, 4, 4), 8, max_elements=16), out)
+
+
+def test_valid_mask_excludes_padding():
+    m = valid_mask([(16, 32), (32, 8)], (4, 4), 8)
+    assert m[0].sum() == 2 * 4 and m[0][:2].all() and not m[0][2:].any()
+    assert m[1].sum() == 4 * 1 and m[1][:, 0].all()
+
+
+def test_ldam_regions_difference_and_ratio():
+    sig_t = torch.tensor([[[4.0, 3.0, 2.0, 0.8]]])
+    sig_s = torch.tensor([[[4.0, 1.5, 0.6, 0.16]]])
+    valid = torch.ones(1, 1, 4, dtype=torch.bool)
+    regs = {n: m for n, m, _ in ldam_regions(sig_t, sig_s, valid, RegionParams())}
+    assert regs["key"][0, 0].tolist() == [True, True, False, False]  # Sig^T >= 3
+    assert regs["weak"][0, 0].tolist() == [False, True, True, False]  # diff >= 1 (0.64 is not)
+    assert regs["rest"][0, 0].tolist() == [False, False, False, True]
+    ratio = RegionParams(weak_rule="ratio", weak_ratio=2.0)
+    regs = {n: m for n, m, _ in ldam_regions(sig_t, sig_s, valid, ratio)}
+    assert regs["weak"][0, 0].tolist() == [False, True, True, True]  # 0.8 / 0.16 = 5 >= 2
+    no_ldam = ldam_regions(sig_t, sig_s, valid, RegionParams(), use_weak=False)
+    assert [n for n, _, _ in no_ldam] == ["key", "rest"]
+    assert no_ldam[1][1][0, 0].tolist() == [False, False, True, True]
+
+
+def test_region_params_validation():
+    with pytest.raises(ValueError, match="non-negative"):
+        RegionParams(weights=(1.0, -1.0, 0.05))
+    with pytest.raises(ValueError, match="WEAK_RULE"):
+        RegionParams(weak_rule="relative")
+
+
+def test_region_loss_hand_computed():
+    # 1 image, 1 channel, 2x2 locations; squared errors 1, 4, 9, 16
+    s = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]]])
+    t = torch.zeros_like(s)
+    key = torch.tensor([[[True, False], [False, False]]])
+    rest = ~key
+    loss = region_imitation_loss(s, t, [("key", key, 1.0), ("rest", rest, 0.05)])
+    assert loss.item() == pytest.approx(1.0 / 1 + 0.05 * (4 + 9 + 16) / 3)
+    # C_T normalisation: two identical channels give the same loss
+    loss2 = region_imitation_loss(s.repeat(1, 2, 1, 1), t.repeat(1, 2, 1, 1), [("key", key, 1.0), ("rest", rest, 0.05)])
+    assert loss2.item() == pytest.approx(loss.item())
+    # empty region contributes nothing
+    empty = torch.zeros_like(key)
+    assert region_imitation_loss(s, t, [("weak", empty, 1.0)]).item() == 0.0
+
+
+def test_region_loss_invariant_to_repeating_the_batch():
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(2, 3, 5, 5, generator=g), torch.randn(2, 3, 5, 5, generator=g)
+    sig_t, sig_s = torch.rand(2, 5, 5, generator=g) * 4, torch.rand(2, 5, 5, generator=g) * 4
+    valid = torch.ones(2, 5, 5, dtype=torch.bool)
+    one = region_imitation_loss(s, t, ldam_regions(sig_t, sig_s, valid, RegionParams()))
+    two = region_imitation_loss(
+        torch.cat([s, s]), torch.cat([t, t]), ldam_regions(torch.cat([sig_t, sig_t]), torch.cat([sig_s, sig_s]), torch.cat([valid, valid]), RegionParams())
+    )
+    assert two.item() == pytest.approx(one.item(), rel=1e-6)
+
+
+def test_uniform_and_gt_mask_regions():
+    valid = torch.ones(1, 2, 2, dtype=torch.bool)
+    assert uniform_regions(valid)[0][2] == 1.0
+    inside = torch.tensor([[[True, False], [False, False]]])
+    regs = gt_mask_regions(inside, valid, RegionParams())
+    assert regs[0][1].sum() == 1 and regs[1][1].sum() == 3 and regs[1][2] == 0.05
+
+
+def test_mixed_precision_loss_matches_fp32():
+    g = torch.Generator().manual_seed(1)
+    s, t = torch.randn(1, 4, 3, 3, generator=g), torch.randn(1, 4, 3, 3, generator=g)
+    valid = torch.ones(1, 3, 3, dtype=torch.bool)
+    regs = uniform_regions(valid)
+    ref = region_imitation_loss(s, t, regs)
+    for dtype in (torch.float16, torch.bfloat16):
+        out = region_imitation_loss(s.to(dtype), t.to(dtype), regs)
+        assert out.dtype == torch.float32
+        ref_cast = region_imitation_loss(s.to(dtype).float(), t.to(dtype).float(), regs)
+        assert out.item() == pytest.approx(ref_cast.item(), rel=1e-6)
+        assert out.item() == pytest.approx(ref.item(), rel=2e-2)

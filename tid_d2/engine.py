@@ -1,0 +1,221 @@
+"""Training and evaluation plumbing: the Trainer used by ``train_net.py``, a crash-safe checkpointer
+that refuses untrusted pickles, DDP that also works on the CPU, and the teacher check."""
+import logging
+import os
+import weakref
+from collections import OrderedDict
+from typing import Dict, Optional
+
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, hooks
+from detectron2.evaluation import COCOEvaluator
+from detectron2.modeling import build_model
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
+from torch.nn.parallel import DistributedDataParallel
+
+from .data import ensure_generated
+from .modeling.distiller import TIDDistiller, student_cfg_from
+from .modeling.teacher import read_checkpoint
+
+__all__ = [
+    "Trainer",
+    "TIDCheckpointer",
+    "create_ddp_model",
+    "evaluate_teacher",
+    "build_student_for_eval",
+    "unwrap",
+]
+
+logger = logging.getLogger("tid_d2")
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def create_ddp_model(model: torch.nn.Module) -> torch.nn.Module:
+    """DDP around ``model`` when running distributed; ``device_ids`` only for CUDA models.
+
+    detectron2's ``create_ddp_model`` always passes ``device_ids``, which CPU (gloo) modules
+    reject. The teacher of a TIDDistiller is not a registered submodule, so DDP never wraps it.
+    """
+    if comm.get_world_size() == 1:
+        return model
+    device = next(model.parameters()).device
+    kwargs = {"broadcast_buffers": False}
+    if device.type == "cuda":
+        kwargs["device_ids"] = [comm.get_local_rank()]
+    ddp = DistributedDataParallel(model, **kwargs)
+    return ddp
+
+
+class TIDCheckpointer(DetectionCheckpointer):
+    """DetectionCheckpointer that
+    - writes every checkpoint (and ``last_checkpoint``) to a temporary file and renames it into
+      place, so a process killed during a save leaves the previous checkpoint valid;
+    - refuses ``.pkl`` weights (pickle runs code) unless ``allow_pickle``;
+    - reads ``.pth`` files with ``torch.load(weights_only=True)``;
+    - ignores the ``tid_adapters.`` keys of a TID checkpoint when loading into a plain student.
+    """
+
+    def __init__(self, model, save_dir="", *, allow_pickle: bool = False, **checkpointables):
+        super().__init__(model, save_dir, **checkpointables)
+        self.allow_pickle = allow_pickle
+
+    def save(self, name: str, **kwargs) -> None:
+        if not self.save_dir or not self.save_to_disk:
+            return
+        data = {"model": self.model.state_dict()}
+        for key, obj in self.checkpointables.items():
+            data[key] = obj.state_dict()
+        data.update(kwargs)
+        basename = f"{name}.pth"
+        save_file = os.path.join(self.save_dir, basename)
+        self.logger.info("Saving checkpoint to %s", save_file)
+        _atomic_write(save_file, lambda f: torch.save(data, f), "wb")
+        self.tag_last_checkpoint(basename)
+
+    def tag_last_checkpoint(self, last_filename_basename: str) -> None:
+        path = os.path.join(self.save_dir, "last_checkpoint")
+        _atomic_write(path, lambda f: f.write(last_filename_basename), "w")
+
+    def _load_file(self, filename: str):
+        if filename.endswith(".pkl"):
+            read_checkpoint(filename, self.allow_pickle, "weights")  # raises unless allowed
+            return super()._load_file(filename)
+        if filename.endswith(".pth"):
+            try:
+                data = torch.load(filename, map_location="cpu", weights_only=True)
+            except Exception as e:
+                raise ValueError(
+                    f"checkpoint '{filename}' could not be read ({type(e).__name__}): it is "
+                    "truncated, corrupt or not a weights-only PyTorch checkpoint."
+                ) from None
+            return data if "model" in data else {"model": data}
+        return super()._load_file(filename)
+
+    def _load_model(self, checkpoint):
+        has_adapters = any(k.startswith("tid_adapters.") for k in self.model.state_dict())
+        if not has_adapters:
+            checkpoint["model"] = OrderedDict(
+                (k, v) for k, v in checkpoint["model"].items() if not k.startswith("tid_adapters.")
+            )
+        return super()._load_model(checkpoint)
+
+
+def _atomic_write(path: str, write, mode: str) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, mode) as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class Trainer(DefaultTrainer):
+    """DefaultTrainer with COCOEvaluator, CPU-capable DDP, the crash-safe checkpointer and an
+    optional evaluation of the teacher before distilling (``TID.TEACHER.EVAL_BEFORE_TRAIN``)."""
+
+    def __init__(self, cfg):
+        # Same steps as DefaultTrainer.__init__, with our DDP and checkpointer.
+        super(DefaultTrainer, self).__init__()
+        if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
+            setup_logger()
+        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+        model = self.build_model(cfg)
+        optimizer = self.build_optimizer(cfg, model)
+        data_loader = self.build_train_loader(cfg)
+        model = create_ddp_model(model)
+        trainer_cls = AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer
+        self._trainer = trainer_cls(model, data_loader, optimizer)
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        self.checkpointer = TIDCheckpointer(
+            model,
+            cfg.OUTPUT_DIR,
+            allow_pickle=cfg.TID.ALLOW_PICKLE_WEIGHTS,
+            trainer=weakref.proxy(self),
+        )
+        self.start_iter = 0
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.cfg = cfg
+        self.register_hooks(self.build_hooks())
+
+    def build_hooks(self):
+        ret = super().build_hooks()
+        model = unwrap(self.model)
+        if (
+            isinstance(model, TIDDistiller)
+            and model.teacher is not None
+            and self.cfg.TID.TEACHER.EVAL_BEFORE_TRAIN
+        ):
+            ret.insert(0, _TeacherEvalHook(self.cfg, model))
+        return ret
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        ensure_generated(dataset_name)
+        if output_folder is None:
+            output_folder = os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+        return COCOEvaluator(dataset_name, tasks=("bbox",), output_dir=output_folder)
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        for name in cfg.DATASETS.TRAIN:
+            ensure_generated(name)
+        return super().build_train_loader(cfg)
+
+
+class _TeacherEvalHook(hooks.HookBase):
+    """Evaluate the teacher once before training: catches a teacher that did not learn or load."""
+
+    def __init__(self, cfg, distiller: TIDDistiller):
+        self.cfg = cfg
+        self.distiller = distiller
+
+    def before_train(self):
+        if self.trainer.iter > self.trainer.start_iter or self.trainer.start_iter > 0:
+            return
+        results = evaluate_teacher(self.cfg, self.distiller.teacher, self.distiller.teacher_cfg)
+        if self.distiller.teacher_probe is not None:
+            self.distiller.teacher_probe.clear()
+        storage = self.trainer.storage
+        for name, res in results.items():
+            if "bbox" in res:
+                storage.put_scalar(f"teacher/{name}/AP", res["bbox"]["AP"], smoothing_hint=False)
+
+
+def evaluate_teacher(cfg, teacher: torch.nn.Module, teacher_cfg) -> Dict:
+    """COCO bbox AP of the teacher on ``cfg.DATASETS.TEST``, read with the teacher's own input
+    format and normalisation. Logs a one-line summary per dataset."""
+    tcfg = teacher_cfg.clone()
+    tcfg.defrost()
+    tcfg.DATASETS.TEST = cfg.DATASETS.TEST
+    tcfg.OUTPUT_DIR = os.path.join(cfg.OUTPUT_DIR, "teacher_eval")
+    tcfg.freeze()
+    was_training = teacher.training
+    teacher.eval()
+    results = Trainer.test(tcfg, teacher)
+    teacher.train(was_training)
+    if not isinstance(results, dict) or "bbox" in results:
+        results = {cfg.DATASETS.TEST[0]: results}
+    for name, res in results.items():
+        if comm.is_main_process() and "bbox" in res:
+            logger.info("Teacher on %s: bbox AP %.2f (AP50 %.2f)", name, res["bbox"]["AP"], res["bbox"]["AP50"])
+    return results
+
+
+def build_student_for_eval(cfg, weights: Optional[str] = None, resume: bool = False, output_dir=None):
+    """The student of ``cfg`` as a plain detectron2 model (no teacher), with its weights loaded.
+
+    For a TID config this is the student's own meta-architecture: the TID checkpoint loads into
+    it directly, which is also what ``tools/export_student.py`` verifies.
+    """
+    scfg = student_cfg_from(cfg) if cfg.MODEL.META_ARCHITECTURE == "TIDDistiller" else cfg
+    model = build_model(scfg)
+    TIDCheckpointer(
+        model, output_dir or cfg.OUTPUT_DIR, allow_pickle=cfg.TID.ALLOW_PICKLE_WEIGHTS
+    ).resume_or_load(weights if weights is not None else cfg.MODEL.WEIGHTS, resume=resume)
+    return model, scfg
+
