@@ -41,4 +41,4 @@ __all__ = [
 ]
 
 #: Names registered at import: ``tid_shapes_train``, ``tid_shapes_val``, ``tid_shapes_test``.
-DEFAULT_SHAPES_DATASETS = register_tid_shapes("tid_shapes")
+DEFAULT_SHAPES_DATASETS = register_tid_shapes("tid_shapes", ShapesSpec.from_env())

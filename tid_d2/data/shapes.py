@@ -125,6 +125,21 @@ class ShapesSpec:
         root = self.root if self.root is not None else _default_root()
         return os.path.abspath(os.path.join(root, self.name))
 
+    @classmethod
+    def from_env(cls) -> "ShapesSpec":
+        """The spec of the default ``tid_shapes_*`` names: the defaults, overridable with
+        ``$TID_D2_SHAPES_SEED``, ``$TID_D2_SHAPES_SIZES`` ("train,val,test") and
+        ``$TID_D2_SHAPES_IMAGE_SIZE`` (e.g. a small copy for smoke tests of the benchmark)."""
+        env = os.environ
+        kwargs: Dict[str, Any] = {}
+        if env.get("TID_D2_SHAPES_SEED"):
+            kwargs["seed"] = int(env["TID_D2_SHAPES_SEED"])
+        if env.get("TID_D2_SHAPES_SIZES"):
+            kwargs["sizes"] = tuple(int(x) for x in env["TID_D2_SHAPES_SIZES"].split(","))
+        if env.get("TID_D2_SHAPES_IMAGE_SIZE"):
+            kwargs["image_size"] = int(env["TID_D2_SHAPES_IMAGE_SIZE"])
+        return cls(**kwargs)
+
     def resolved(self) -> "ShapesSpec":
         """The same spec with ``root`` fixed to an absolute path (environment read now)."""
         return dataclasses.replace(self, root=os.path.dirname(self.dir))

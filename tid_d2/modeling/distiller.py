@@ -11,7 +11,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY, build_model
-from detectron2.utils.events import get_event_storage
+from detectron2.utils.events import EventStorage, get_event_storage
 from torch import nn
 
 from .imitation import FeatureAdapters, region_imitation_loss
@@ -295,65 +295,113 @@ class TIDDistiller(nn.Module):
                     "student diverged (lower SOLVER.BASE_LR, enable SOLVER.CLIP_GRADIENTS) or an "
                     "input image has NaN/Inf. Raised before the optimizer step: weights unchanged."
                 )
-        padded = tuple(self.student_probe.captured["input_shape"][-2:])
-        image_sizes = [tuple(x["image"].shape[-2:]) for x in batched_inputs]
-        gt = [x["instances"].to(self.device) for x in batched_inputs]
-
-        with torch.no_grad():
-            self.teacher_probe.run(
-                self._teacher_images(batched_inputs, padded), self.student_probe.roi_boxes()
-            )
-            t_feats = self.teacher_probe.features
-            sig_t = sig_s = None
-            if self.mode in _SIG_MODES:
-                sig_t = self.teacher_probe.significance(gt, image_sizes)
-                sig_s = self.student_probe.significance(gt, image_sizes)
-            regions = {}
-            for level in self.in_features:
-                n, _, h, w = s_feats[level].shape
-                stride = self.student.backbone.output_shape()[level].stride
-                valid = valid_mask(image_sizes, (h, w), stride, self.device)
-                regions[level] = self._regions(level, valid, sig_t, sig_s, gt, stride)
-
+        maps = self._maps(batched_inputs)
         lam = self.lambda_now(iteration)
         losses = {}
         for level in self.in_features:
             adapted = self.tid_adapters(level, s_feats[level])
-            loss = region_imitation_loss(adapted, t_feats[level], regions[level][1])
+            loss = region_imitation_loss(adapted, maps["teacher_features"][level], maps["regions"][level])
             losses[f"loss_tid_{level}"] = lam * loss
         if storage is not None:
-            self._log(storage, regions, sig_t, sig_s, lam, batched_inputs)
+            self._log(storage, maps, lam, batched_inputs)
         return losses
 
+    @torch.no_grad()
+    def _maps(self, batched_inputs) -> Dict:
+        """Teacher forward, significance and regions for the student forward that just ran.
+
+        Returns a dict with, per distilled level: "teacher_features" (N, C_T, H, W),
+        "valid" (N, H, W) bool, "regions" [(name, (N, H, W) bool, alpha)], and "sig_teacher" /
+        "sig_student" (N, H, W) fp32 (None in modes without significance).
+        """
+        padded = tuple(self.student_probe.captured["input_shape"][-2:])
+        self.teacher_probe.run(
+            self._teacher_images(batched_inputs, padded), self.student_probe.roi_boxes()
+        )
+        return self._maps_from_captured(batched_inputs)
+
+    @torch.no_grad()
+    def _maps_from_captured(self, batched_inputs) -> Dict:
+        """:meth:`_maps` once both models' forwards have run (significance, regions only)."""
+        s_feats = self.student_probe.features
+        image_sizes = [tuple(x["image"].shape[-2:]) for x in batched_inputs]
+        gt = [x["instances"].to(self.device) for x in batched_inputs]
+        sig_t = sig_s = None
+        if self.mode in _SIG_MODES:
+            sig_t = self.teacher_probe.significance(gt, image_sizes)
+            sig_s = self.student_probe.significance(gt, image_sizes)
+        valid, regions = {}, {}
+        strides = self.student.backbone.output_shape()
+        for level in self.in_features:
+            _, _, h, w = s_feats[level].shape
+            stride = strides[level].stride
+            valid[level] = valid_mask(image_sizes, (h, w), stride, self.device)
+            regions[level] = self._regions(level, valid[level], sig_t, sig_s, gt, stride)
+        return {
+            "teacher_features": self.teacher_probe.features,
+            "valid": valid,
+            "regions": regions,
+            "sig_teacher": sig_t,
+            "sig_student": sig_s,
+        }
+
+    @torch.no_grad()
+    def inspect(self, batched_inputs: List[Dict]) -> Dict:
+        """Significance and regions of a batch for pictures and debugging (no training).
+
+        Runs the student's training-mode forward (so that two-stage students sample their ROI
+        boxes as in training) with every normalisation layer in eval mode and no gradients, and
+        returns :meth:`_maps` without the teacher features. Inputs need "instances".
+        """
+        if self.mode == "none":
+            raise ValueError("TID.MODE none has no teacher: nothing to inspect")
+        was_training = self.training
+        self.train()
+        for m in self.student.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+        try:
+            with _storage_or_new():
+                self.student(batched_inputs)
+                maps = self._maps(batched_inputs)
+            maps.pop("teacher_features")
+            return maps
+        finally:
+            self._clear()
+            self.train(was_training)
+
     def _regions(self, level, valid, sig_t, sig_s, gt, stride):
-        """(valid mask, [(name, mask, alpha)]) of one level for the current mode."""
+        """[(name, (N, H, W) bool mask, alpha)] of one level for the current mode."""
         if self.mode == "fitnet":
-            return valid, uniform_regions(valid)
+            return uniform_regions(valid)
         if self.mode == "gt_mask":
             boxes = torch.cat([g.gt_boxes.tensor for g in gt])
             batch_idx = torch.cat(
                 [torch.full((len(g),), i, dtype=torch.long, device=self.device) for i, g in enumerate(gt)]
             )
             inside = paint_boxes(boxes, torch.ones(len(boxes), device=self.device), batch_idx, valid.shape, stride)
-            return valid, gt_mask_regions(inside > 0, valid, self.region_params)
-        return valid, ldam_regions(
+            return gt_mask_regions(inside > 0, valid, self.region_params)
+        return ldam_regions(
             sig_t[level], sig_s[level], valid, self.region_params, use_weak=self.mode != "no_ldam"
         )
 
     @torch.no_grad()
-    def _log(self, storage, regions, sig_t, sig_s, lam, batched_inputs):
+    def _log(self, storage, maps, lam, batched_inputs):
         """Region shares, mean significance and (every vis_period) pictures into the storage."""
-        total = sum(v.sum() for v, _ in regions.values()).clamp(min=1).float()
-        shares: Dict[str, torch.Tensor] = {}
-        for _valid, regs in regions.values():
+        valid, regions = maps["valid"], maps["regions"]
+        total = float(sum(v.sum() for v in valid.values()))
+        total = max(total, 1.0)
+        shares: Dict[str, float] = {}
+        for regs in regions.values():
             for name, mask, _alpha in regs:
-                shares[name] = shares.get(name, 0) + mask.sum()
-        scalars = {f"tid/{name}_share": float(v) / float(total) for name, v in shares.items()}
+                shares[name] = shares.get(name, 0.0) + float(mask.sum())
+        scalars = {f"tid/{name}_share": v / total for name, v in shares.items()}
         scalars["tid/lambda"] = lam
+        sig_t, sig_s = maps["sig_teacher"], maps["sig_student"]
         if sig_t is not None:
             for who, sig in (("teacher", sig_t), ("student", sig_s)):
-                num = sum((sig[lv] * regions[lv][0]).sum() for lv in self.in_features)
-                scalars[f"tid/sig_{who}_mean"] = float(num) / float(total)
+                num = sum(float((sig[lv] * valid[lv]).sum()) for lv in self.in_features)
+                scalars[f"tid/sig_{who}_mean"] = num / total
         storage.put_scalars(**scalars, smoothing_hint=True)
         if self.vis_period > 0 and storage.iter % self.vis_period == 0:
             from ..visualization import significance_panel
@@ -365,9 +413,10 @@ class TIDDistiller(nn.Module):
                 level,
                 sig_t[level][0] if sig_t is not None else None,
                 sig_s[level][0] if sig_s is not None else None,
-                [(name, m[0]) for name, m, _ in regions[level][1]],
+                [(name, m[0]) for name, m, _ in regions[level]],
             )
-            storage.put_image(f"tid/significance_{level}", torch.from_numpy(panel).permute(2, 0, 1).float() / 255.0)
+            image = torch.from_numpy(panel).permute(2, 0, 1).float() / 255.0
+            storage.put_image(f"tid/significance_{level}", image)
 
 
 def _storage():
@@ -375,6 +424,13 @@ def _storage():
         return get_event_storage()
     except AssertionError:  # called outside a trainer (tests, tools)
         return None
+
+
+def _storage_or_new():
+    """The current EventStorage context, or a throw-away one (detectron2 heads log into one)."""
+    import contextlib
+
+    return contextlib.nullcontext() if _storage() is not None else EventStorage(0)
 
 
 def _strip_student_prefix(module, state_dict, prefix, local_metadata):

@@ -44,6 +44,16 @@ def teacher_cfg_from(cfg):
     return tcfg
 
 
+def local_path(path: str) -> str:
+    """A local file for ``path``; URLs (``detectron2://``, ``https://``) are downloaded and cached
+    by detectron2's PathManager."""
+    if "://" in path:
+        from detectron2.utils.file_io import PathManager
+
+        return PathManager.get_local_path(path)
+    return path
+
+
 def read_checkpoint(path: str, allow_pickle: bool = False, what: str = "checkpoint") -> Dict:
     """Read a checkpoint file into {name: tensor} without running code from it.
 
@@ -53,6 +63,7 @@ def read_checkpoint(path: str, allow_pickle: bool = False, what: str = "checkpoi
     """
     if not path:
         raise ValueError(f"no {what} path given")
+    path = local_path(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{what} '{path}' does not exist")
     if path.endswith(".pkl"):
@@ -131,7 +142,7 @@ def build_teacher(cfg) -> Tuple[torch.nn.Module, object]:
             f"--config-file {cfg.TID.TEACHER.CONFIG_FILE}) and set TID.TEACHER.WEIGHTS to its "
             "model_final.pth."
         )
-    if not os.path.isfile(cfg.TID.TEACHER.WEIGHTS):
+    if "://" not in cfg.TID.TEACHER.WEIGHTS and not os.path.isfile(cfg.TID.TEACHER.WEIGHTS):
         raise FileNotFoundError(
             f"TID.TEACHER.WEIGHTS '{cfg.TID.TEACHER.WEIGHTS}' does not exist. Train the teacher "
             f"with `python train_net.py --config-file {cfg.TID.TEACHER.CONFIG_FILE}` or fix the path."

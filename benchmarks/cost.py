@@ -1,0 +1,143 @@
+#!/usr/bin/env python
+"""Cost of distillation on identical batches: seconds per training step and peak memory of the
+student alone, of teacher inference alone (what TID runs of the teacher), and of every variant.
+
+Each measurement runs in its own subprocess on the same 8 tid_shapes training images (fixed,
+mapped once), so peak memory is per measurement: ``torch.cuda.max_memory_allocated`` on a GPU,
+the process's peak resident set (``ru_maxrss``) on the CPU, which includes the framework's own
+footprint.
+
+    python benchmarks/cost.py --family retinanet --steps 10
+writes benchmarks/results/<family>_cost.md and <family>_cost.json.
+"""
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from tid_d2.runs import REPO_ROOT, format_table  # noqa: E402
+
+MODES = ["none", "fitnet", "gt_mask", "cls_only", "reg_only", "no_ldam", "tid"]
+
+
+def _batch(cfg, n):
+    from detectron2.data import DatasetCatalog, DatasetMapper
+
+    from tid_d2.data import ensure_generated
+
+    ensure_generated("tid_shapes_train")
+    mapper = DatasetMapper(cfg, is_train=True)
+    mapper.augmentations.augs = mapper.augmentations.augs[:1]  # resize only: identical batches
+    return [mapper(d) for d in DatasetCatalog.get("tid_shapes_train")[:n]]
+
+
+def _peak_mb(device):
+    if device.type == "cuda":
+        import torch
+
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def measure(family, what, steps, batch, teacher_weights, threads):
+    """Runs in the child process; prints one JSON line."""
+    import torch
+    from detectron2.modeling import build_model
+    from detectron2.utils.events import EventStorage
+
+    import tid_d2  # noqa: F401
+    from tid_d2.config import get_cfg
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    cfg = get_cfg()
+    cfg.merge_from_file(os.path.join(REPO_ROOT, "configs", "shapes", f"tid_{family}.yaml"))
+    cfg.TID.TEACHER.WEIGHTS = teacher_weights
+    cfg.TID.MODE = "tid" if what == "teacher" else what
+    model = build_model(cfg)
+    device = torch.device(cfg.MODEL.DEVICE)
+    data = _batch(cfg, batch)
+    times = []
+    if what == "teacher":
+        model.train()
+        padded = None
+        with torch.no_grad(), EventStorage(0):
+            model.student(data)  # to know the padded size; not timed
+            padded = tuple(model.student_probe.captured["input_shape"][-2:])
+            for i in range(steps + 2):
+                t = time.perf_counter()
+                model.teacher_probe.run(model._teacher_images(data, padded), None)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                times.append(time.perf_counter() - t)
+    else:
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-5, momentum=0.9)
+        model.train()
+        with EventStorage(0) as storage:
+            for i in range(steps + 2):
+                t = time.perf_counter()
+                losses = model(data)
+                opt.zero_grad()
+                sum(losses.values()).backward()
+                opt.step()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                times.append(time.perf_counter() - t)
+                storage.iter += 1
+    times = times[2:]  # warm-up
+    print(json.dumps({"what": what, "sec_per_iter": statistics.median(times), "peak_mem_mb": _peak_mb(device)}))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--family", default="retinanet", choices=["retinanet", "fcos", "rcnn"])
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--teacher-weights", default=None, help="default: output/bench/<family>_teacher")
+    p.add_argument("--modes", nargs="*", default=MODES)
+    p.add_argument("--results", default=os.path.join(REPO_ROOT, "benchmarks", "results"))
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    weights = args.teacher_weights or os.path.join(REPO_ROOT, "output", "bench", f"{args.family}_teacher", "model_final.pth")
+    if args.child:
+        measure(args.family, args.child, args.steps, args.batch, weights, args.threads)
+        return 0
+    rows = {}
+    for what in ["teacher"] + list(args.modes):
+        cmd = [sys.executable, __file__, "--family", args.family, "--steps", str(args.steps), "--batch",
+               str(args.batch), "--threads", str(args.threads), "--teacher-weights", weights, "--child", what]
+        out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT)
+        if out.returncode != 0:
+            raise RuntimeError(f"cost measurement of {what} failed:\n{out.stderr[-3000:]}")
+        rows[what] = json.loads(out.stdout.strip().splitlines()[-1])
+        print(f"[cost] {args.family} {what:8s} {rows[what]['sec_per_iter']:.3f} s/iter  peak {rows[what]['peak_mem_mb']:.0f} MB", flush=True)
+    floor = rows["none"]["sec_per_iter"] + rows["teacher"]["sec_per_iter"] if "none" in rows else None
+    table = []
+    for what, r in rows.items():
+        row = {"measured": "teacher inference" if what == "teacher" else f"train step, TID.MODE {what}",
+               "sec/iter": r["sec_per_iter"], "peak MB": r["peak_mem_mb"]}
+        if floor and what not in ("teacher", "none"):
+            row["step / (student step + teacher inf.)"] = r["sec_per_iter"] / floor
+        table.append(row)
+    md = (f"Cost on identical batches ({args.family}, batch {args.batch}, {args.threads} threads, median of "
+          f"{args.steps} steps; CPU peak = process peak RSS):\n\n"
+          + format_table(table, ["measured", "sec/iter", "peak MB", "step / (student step + teacher inf.)"], "{:.3f}")
+          + f"\n\nCommand: `python benchmarks/cost.py {' '.join(sys.argv[1:])}`\n")
+    os.makedirs(args.results, exist_ok=True)
+    with open(os.path.join(args.results, f"{args.family}_cost.md"), "w") as f:
+        f.write(md)
+    with open(os.path.join(args.results, f"{args.family}_cost.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,360 @@
+"""TIDDistiller end to end on tiny models built without weights (CPU, a few steps each)."""
+import os
+
+import pytest
+import torch
+from detectron2.engine import DefaultTrainer
+from detectron2.modeling import build_model
+from detectron2.utils.events import EventStorage
+
+import tid_d2  # noqa: F401 (registration)
+from tid_d2.engine import TIDCheckpointer
+from tid_d2.modeling.distiller import TID_MODES, student_cfg_from
+from tid_d2.modeling.probes import build_probe
+
+from .helpers import random_inputs, save_weights, tid_cfg, tiny_cfg, write_cfg
+
+FAMILIES = ["RetinaNet", "FCOS", "GeneralizedRCNN"]
+
+
+def _train_steps(model, steps=2, n=2, size=64, boxes=2, seed=0):
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    model.train()
+    losses = None
+    with EventStorage(0) as storage:
+        for i in range(steps):
+            losses = model(random_inputs(n, size, boxes, seed=seed + i))
+            total = sum(losses.values())
+            opt.zero_grad()
+            total.backward()
+            opt.step()
+            storage.iter += 1
+    return losses, storage
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("mode", TID_MODES)
+def test_every_mode_trains_finite(tmp_path, family, mode):
+    torch.manual_seed(0)
+    model = build_model(tid_cfg(str(tmp_path), family, mode))
+    losses, storage = _train_steps(model)
+    assert all(torch.isfinite(v) for v in losses.values())
+    tid_keys = [k for k in losses if k.startswith("loss_tid_")]
+    if mode == "none":
+        assert not tid_keys and model.teacher is None
+    else:
+        assert tid_keys, losses.keys()
+        assert all(v.item() > 0 for k, v in losses.items() if k in tid_keys)
+        latest = storage.latest()
+        assert "tid/lambda" in latest
+        if mode in ("tid", "cls_only", "reg_only", "no_ldam"):
+            for key in ("tid/key_share", "tid/rest_share", "tid/sig_teacher_mean", "tid/sig_student_mean"):
+                assert key in latest, key
+
+
+def test_teacher_frozen_bit_identical_and_outside_state(tmp_path):
+    model = build_model(tid_cfg(str(tmp_path), "RetinaNet", "tid"))
+    before = {k: v.clone() for k, v in model.teacher.state_dict().items()}
+    _train_steps(model, steps=3)
+    after = model.teacher.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # BN stats too: eval mode
+    assert not model.teacher.training
+    assert all(not p.requires_grad for p in model.teacher.parameters())
+    teacher_params = {id(p) for p in model.teacher.parameters()}
+    assert not teacher_params & {id(p) for p in model.parameters()}
+    assert not any(k.startswith("teacher") for k in model.state_dict())
+
+
+def test_adapters_in_optimizer_and_get_gradients(tmp_path):
+    cfg = tid_cfg(str(tmp_path), "RetinaNet", "tid", teacher_width=32, student_width=16)
+    cfg.SOLVER.BASE_LR = 1e-4
+    model = build_model(cfg)
+    optimizer = DefaultTrainer.build_optimizer(cfg, model)
+    in_opt = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    adapter_params = list(model.tid_adapters.parameters())
+    assert len(adapter_params) == 2 * len(model.in_features)  # weight + bias per level
+    assert all(id(p) in in_opt for p in adapter_params)
+    model.train()
+    with EventStorage(0):
+        losses = model(random_inputs(2, 64))
+        sum(losses.values()).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in adapter_params)
+    # every trainable parameter gets a gradient (DDP needs no find_unused_parameters)
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_equal_widths_use_identity_adapters_unless_conv(tmp_path):
+    cfg = tid_cfg(str(tmp_path), "RetinaNet", "tid", teacher_width=16, student_width=16)
+    assert len(build_model(cfg).tid_adapters.adapters) == 0
+    cfg.TID.ADAPTER = "conv"
+    assert len(build_model(cfg).tid_adapters.adapters) == 5
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_checkpoint_loads_into_plain_student_with_identical_predictions(tmp_path, family):
+    cfg = tid_cfg(str(tmp_path), family, "tid")
+    model = build_model(cfg)
+    _train_steps(model, steps=1)
+    TIDCheckpointer(model, str(tmp_path)).save("ckpt")
+    raw = torch.load(os.path.join(tmp_path, "ckpt.pth"), weights_only=True)  # weights-only loadable
+
+    plain = build_model(student_cfg_from(cfg))
+    incompatible = plain.load_state_dict(
+        {k: v for k, v in raw["model"].items() if not k.startswith("tid_adapters.")}, strict=True
+    )
+    assert not incompatible.missing_keys and not incompatible.unexpected_keys
+    assert set(raw["model"]) - set(plain.state_dict()) == {
+        k for k in raw["model"] if k.startswith("tid_adapters.")
+    }
+    model.eval()
+    plain.eval()
+    inputs = random_inputs(2, 64, seed=7)
+    with torch.no_grad():
+        a, b = model(inputs), plain(inputs)
+    for x, y in zip(a, b):
+        assert torch.equal(x["instances"].pred_boxes.tensor, y["instances"].pred_boxes.tensor)
+        assert torch.equal(x["instances"].scores, y["instances"].scores)
+
+
+def test_resume_roundtrip_restores_student_and_adapters(tmp_path):
+    cfg = tid_cfg(str(tmp_path), "RetinaNet", "tid")
+    model = build_model(cfg)
+    _train_steps(model, steps=1)
+    TIDCheckpointer(model, str(tmp_path)).save("ckpt")
+    fresh = build_model(cfg)
+    TIDCheckpointer(fresh, str(tmp_path)).load(os.path.join(tmp_path, "ckpt.pth"))
+    for (k, v), (k2, v2) in zip(model.state_dict().items(), fresh.state_dict().items()):
+        assert k == k2 and torch.equal(v, v2), k
+
+
+def test_repeated_batch_gives_same_tid_loss(tmp_path):
+    torch.manual_seed(0)
+    model = build_model(tid_cfg(str(tmp_path), "RetinaNet", "tid"))
+    model.train()
+    batch = random_inputs(2, 64, seed=3)
+    with EventStorage(0), torch.no_grad():
+        one = model(batch)
+        two = model(batch + batch)
+    for k in one:
+        if k.startswith("loss_tid_"):
+            assert two[k].item() == pytest.approx(one[k].item(), rel=1e-4), k
+
+
+def test_heterogeneous_teacher_student(tmp_path):
+    """ResNet teacher (BGR, FPN 32) -> MobileNetV2 student (RGB, FPN 16)."""
+    tcfg = tiny_cfg("RetinaNet", width=32)
+    tpath = write_cfg(tcfg, str(tmp_path / "teacher.yaml"))
+    wpath = save_weights(tcfg, str(tmp_path / "teacher.pth"))
+    cfg = tiny_cfg("RetinaNet", width=16)
+    cfg.MODEL.BACKBONE.NAME = "build_retinanet_mobilenetv2_fpn_backbone"
+    cfg.MODEL.FPN.IN_FEATURES = ["mb3", "mb4", "mb5"]
+    cfg.INPUT.FORMAT = "RGB"
+    cfg.MODEL.PIXEL_MEAN = [123.675, 116.28, 103.53]
+    cfg.MODEL.PIXEL_STD = [58.395, 57.12, 57.375]
+    cfg.TID.STUDENT_META_ARCHITECTURE = "RetinaNet"
+    cfg.MODEL.META_ARCHITECTURE = "TIDDistiller"
+    cfg.TID.TEACHER.CONFIG_FILE = tpath
+    cfg.TID.TEACHER.WEIGHTS = wpath
+    model = build_model(cfg)
+    assert model._teacher_flip
+    conv = model.tid_adapters.adapters["p3"]
+    assert (conv.in_channels, conv.out_channels) == (16, 32)
+    losses, _ = _train_steps(model, steps=1)
+    assert all(torch.isfinite(v) for v in losses.values())
+
+
+def test_teacher_sees_its_own_format_and_normalisation(tmp_path):
+    cfg = tid_cfg(str(tmp_path), "RetinaNet", "tid")
+    model = build_model(cfg)
+    model._teacher_flip = True
+    x = random_inputs(1, 32)
+    imgs = model._teacher_images(x, (64, 64))
+    t = model.teacher
+    expected = (x[0]["image"].float().flip(0) - t.pixel_mean) / t.pixel_std
+    assert torch.allclose(imgs.tensor[0, :, :32, :32], expected)
+    assert imgs.tensor[0, :, 32:, :].abs().sum() == 0  # padding is zero, like detectron2's
+    assert imgs.image_sizes == [(32, 32)]
+
+
+def test_teacher_and_student_families_may_differ(tmp_path):
+    """A Faster R-CNN teacher can distil into a RetinaNet student: each is scored by its own probe."""
+    cfg = tid_cfg(str(tmp_path), "RetinaNet", "tid", teacher_family="GeneralizedRCNN")
+    cfg.TID.IN_FEATURES = ["p3", "p4", "p5", "p6"]  # the R-CNN teacher has no p7
+    model = build_model(cfg)
+    losses, _ = _train_steps(model, steps=1)
+    assert sorted(k for k in losses if "tid" in k) == [f"loss_tid_p{i}" for i in (3, 4, 5, 6)]
+
+
+def test_empty_gt_images_train(tmp_path):
+    for family in FAMILIES:
+        model = build_model(tid_cfg(str(tmp_path), family, "tid"))
+        losses, _ = _train_steps(model, steps=1, boxes=0)
+        assert all(torch.isfinite(v) for v in losses.values()), family
+
+
+def test_crowded_image_trains(tmp_path):
+    model = build_model(tid_cfg(str(tmp_path), "RetinaNet", "tid"))
+    losses, _ = _train_steps(model, steps=1, n=1, boxes=1000)
+    assert all(torch.isfinite(v) for v in losses.values())
+
+
+def test_nan_student_feature_names_level(tmp_path):
+    model = build_model(tid_cfg(str(tmp_path), "RetinaNet", "tid"))
+    with torch.no_grad():
+        model.student.backbone.fpn_output4.weight.fill_(float("nan"))
+    before = {k: v.clone() for k, v in model.named_parameters()}
+    model.train()
+    with EventStorage(0), pytest.raises(FloatingPointError, match="'p4'"):
+        model(random_inputs(2, 64))
+    after = dict(model.named_parameters())
+    assert all(torch.equal(before[k], after[k]) or torch.isnan(before[k]).any() for k in before)
+
+
+def test_vis_period_puts_pictures(tmp_path):
+    cfg = tid_cfg(str(tmp_path), "RetinaNet", "tid")
+    cfg.VIS_PERIOD = 1
+    model = build_model(cfg)
+    model.train()
+    with EventStorage(0) as storage:
+        model(random_inputs(2, 64))
+    assert len(storage._vis_data) == 1
+    name, img, _ = storage._vis_data[0]
+    assert name == "tid/significance_p3"
+    assert img.shape[0] == 3 and img.shape[1] == 64 + 14 and img.shape[2] == 4 * 64
+    assert 0.0 <= float(img.min()) and float(img.max()) <= 1.0
+
+
+def test_warmup_ramps_lambda(tmp_path):
+    cfg = tid_cfg(str(tmp_path), "RetinaNet", "fitnet")
+    cfg.TID.WARMUP_ITERS = 4
+    cfg.TID.LOSS_WEIGHT = 2.0
+    model = build_model(cfg)
+    assert [model.lambda_now(i) for i in (0, 1, 3, 10)] == [0.5, 1.0, 2.0, 2.0]
+
+
+# ----------------------------------------------------------------------------- mismatches
+def test_class_count_mismatch(tmp_path):
+    cfg = tid_cfg(str(tmp_path), "RetinaNet", "tid")
+    cfg.TID.TEACHER.OPTS = ["MODEL.RETINANET.NUM_CLASSES", "5"]
+    tcfg = tiny_cfg("RetinaNet", width=32)
+    tcfg.MODEL.RETINANET.NUM_CLASSES = 5
+    cfg.TID.TEACHER.WEIGHTS = save_weights(tcfg, str(tmp_path / "t5.pth"))
+    with pytest.raises(ValueError, match="different numbers of classes"):
+        build_model(cfg)
+
+
+def test_missing_level(tmp_path):
+    cfg = tid_cfg(str(tmp_path), "RetinaNet", "tid")
+    cfg.TID.IN_FEATURES = ["p2"]
+    with pytest.raises(ValueError, match="'p2' is not an output of the student's backbone"):
+        build_model(cfg)
+
+
+def test_level_not_read_by_teacher_head(tmp_path):
+    cfg = tid_cfg(str(tmp_path), "GeneralizedRCNN", "tid", teacher_family="RetinaNet")
+    with pytest.raises(ValueError, match="not an output of the teacher's backbone"):
+        build_model(cfg)  # the RetinaNet teacher has no p2
+
+
+def test_stride_mismatch(tmp_path, monkeypatch):
+    import tid_d2.modeling.distiller as distiller_mod
+
+    real = distiller_mod.build_teacher
+
+    def patched(cfg):
+        teacher, tcfg = real(cfg)
+        teacher.backbone._out_feature_strides["p4"] = 32
+        return teacher, tcfg
+
+    monkeypatch.setattr(distiller_mod, "build_teacher", patched)
+    with pytest.raises(ValueError, match="'p4' has stride 16 in the student but 32 in the teacher"):
+        build_model(tid_cfg(str(tmp_path), "RetinaNet", "tid"))
+
+
+def test_unsupported_detector_family():
+    class NotADetector(torch.nn.Module):
+        backbone = torch.nn.Identity()
+
+    with pytest.raises(ValueError, match="no significance probe for detector NotADetector"):
+        build_probe(NotADetector(), None, None)
+
+
+def test_bad_tid_settings(tmp_path):
+    cases = [
+        ("TID.MODE", "fancy", "unknown TID.MODE"),
+        ("TID.SIG.CLS_THRESHOLDS", [0.2, 1.5], r"CLS_THRESHOLDS must be 2 number"),
+        ("TID.SIG.IOU_THRESHOLDS", [0.6, 0.5], "low <= high"),
+        ("TID.REGION.WEIGHTS", [1.0, -0.5, 0.05], "non-negative"),
+        ("TID.REGION.WEAK_RULE", "relative", "WEAK_RULE"),
+    ]
+    for key, value, message in cases:
+        cfg = tid_cfg(str(tmp_path), "RetinaNet", "tid")
+        node = cfg
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = getattr(node, p)
+        setattr(node, leaf, value)
+        with pytest.raises(ValueError, match=message):
+            build_model(cfg)
+
+
+# ----------------------------------------------------------------------------- teacher loading
+def test_missing_teacher_weights_and_config(tmp_path):
+    cfg = tid_cfg(str(tmp_path), "RetinaNet", "tid")
+    cfg.TID.TEACHER.WEIGHTS = str(tmp_path / "nope.pth")
+    with pytest.raises(FileNotFoundError, match="nope.pth' does not exist"):
+        build_model(cfg)
+    cfg.TID.TEACHER.WEIGHTS = ""
+    with pytest.raises(ValueError, match="TID.TEACHER.WEIGHTS is empty"):
+        build_model(cfg)
+    cfg.TID.TEACHER.CONFIG_FILE = str(tmp_path / "missing.yaml")
+    with pytest.raises(FileNotFoundError, match="missing.yaml' does not exist"):
+        build_model(cfg)
+
+
+def test_teacher_weights_of_another_architecture(tmp_path):
+    cfg = tid_cfg(str(tmp_path), "RetinaNet", "tid")
+    cfg.TID.TEACHER.WEIGHTS = save_weights(tiny_cfg("GeneralizedRCNN", 32), str(tmp_path / "rcnn.pth"))
+    with pytest.raises(ValueError, match="missing keys .*unexpected keys"):
+        build_model(cfg)
+
+
+def test_truncated_teacher_checkpoint(tmp_path):
+    cfg = tid_cfg(str(tmp_path), "RetinaNet", "tid")
+    data = open(cfg.TID.TEACHER.WEIGHTS, "rb").read()
+    bad = tmp_path / "truncated.pth"
+    bad.write_bytes(data[: len(data) // 2])
+    cfg.TID.TEACHER.WEIGHTS = str(bad)
+    with pytest.raises(ValueError, match="truncated"):
+        build_model(cfg)
+
+
+def test_pickle_weights_refused_unless_allowed(tmp_path):
+    import pickle
+
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    path = tmp_path / "evil.pkl"
+    with open(path, "wb") as f:
+        pickle.dump({"model": {"x": Evil()}}, f)
+    cfg = tid_cfg(str(tmp_path), "RetinaNet", "tid")
+    cfg.TID.TEACHER.WEIGHTS = str(path)
+    with pytest.raises(ValueError, match="pickle .*TID.ALLOW_PICKLE_WEIGHTS"):
+        build_model(cfg)
+    assert not marker.exists()
+    # the same for a student checkpoint through the checkpointer
+    plain = build_model(tiny_cfg("RetinaNet"))
+    with pytest.raises(ValueError, match="ALLOW_PICKLE_WEIGHTS"):
+        TIDCheckpointer(plain, str(tmp_path)).load(str(path))
+    assert not marker.exists()
+    # a crafted .pth is refused by the weights-only loader
+    evil_pth = tmp_path / "evil.pth"
+    torch.save({"model": {"x": Evil()}}, evil_pth)
+    marker.unlink(missing_ok=True)
+    with pytest.raises(ValueError, match="could not be read"):
+        TIDCheckpointer(plain, str(tmp_path)).load(str(evil_pth))
+    assert not marker.exists()

@@ -1,0 +1,207 @@
+"""train_net.py and the tools on a tiny tid_shapes dataset: real configs, real checkpoints,
+COCOEvaluator. One teacher and one TID student are trained for a few iterations per session."""
+import glob
+import importlib.util
+import json
+import os
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+import tid_d2  # noqa: F401
+from tid_d2.data import ShapesSpec, register_tid_shapes
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PREFIX = "mini_shapes"
+# Small, fast versions of the shipped configs (same files, command-line overrides only).
+TINY = [
+    "MODEL.FPN.OUT_CHANNELS", "16",
+    "MODEL.RETINANET.NUM_CONVS", "1",
+    "SOLVER.IMS_PER_BATCH", "2",
+    "SOLVER.MAX_ITER", "3",
+    "SOLVER.WARMUP_ITERS", "1",
+    "SOLVER.BASE_LR", "0.001",
+    "SOLVER.CHECKPOINT_PERIOD", "1000",
+    "DATALOADER.NUM_WORKERS", "0",
+    "INPUT.MIN_SIZE_TRAIN", "(96,)", "INPUT.MAX_SIZE_TRAIN", "96",
+    "INPUT.MIN_SIZE_TEST", "96", "INPUT.MAX_SIZE_TEST", "96",
+    "DATASETS.TRAIN", f"('{PREFIX}_train',)",
+    "DATASETS.TEST", f"('{PREFIX}_test',)",
+]
+
+
+def _load(name, path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+train_net = _load("train_net", os.path.join(REPO, "train_net.py"))
+
+
+def run_train_net(argv):
+    args = train_net.get_parser().parse_args(argv)
+    return train_net.main(args)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    register_tid_shapes(PREFIX, ShapesSpec(seed=0, sizes=(16, 8, 8), image_size=96, root=str(root / "data")))
+    teacher_dir = str(root / "teacher")
+    run_train_net(
+        ["--config-file", f"{REPO}/configs/shapes/retinanet_mnv2_teacher.yaml", "OUTPUT_DIR", teacher_dir]
+        + TINY
+    )
+    tid_dir = str(root / "tid")
+    tid_opts = TINY + [
+        "TID.TEACHER.WEIGHTS", f"{teacher_dir}/model_final.pth",
+        "TID.TEACHER.OPTS", json.dumps(["MODEL.FPN.OUT_CHANNELS", "16", "MODEL.RETINANET.NUM_CONVS", "1"]),
+        "TID.TEACHER.EVAL_BEFORE_TRAIN", "True",
+        "VIS_PERIOD", "2",
+        "OUTPUT_DIR", tid_dir,
+    ]
+    run_train_net(["--config-file", f"{REPO}/configs/shapes/tid_retinanet.yaml"] + tid_opts)
+    return {"root": root, "teacher": teacher_dir, "tid": tid_dir, "tid_opts": tid_opts}
+
+
+def test_training_writes_checkpoint_metrics_and_teacher_ap(runs):
+    assert os.path.isfile(os.path.join(runs["tid"], "model_final.pth"))
+    records = [json.loads(x) for x in open(os.path.join(runs["tid"], "metrics.json"))]
+    keys = set().union(*records)
+    assert {"loss_tid_p3", "tid/key_share", "tid/weak_share", "tid/rest_share"} <= keys
+    assert "teacher/" + f"{PREFIX}_test/AP" in keys  # the teacher was evaluated before training
+    assert "bbox/AP" in keys  # the student at the end
+    ckpt = torch.load(os.path.join(runs["tid"], "model_final.pth"), weights_only=True)
+    assert not any(k.startswith("teacher") for k in ckpt["model"])
+
+
+def test_eval_only_returns_bbox_ap(runs):
+    res = run_train_net(
+        ["--config-file", f"{REPO}/configs/shapes/tid_retinanet.yaml", "--eval-only"]
+        + runs["tid_opts"]
+        + ["MODEL.WEIGHTS", os.path.join(runs["tid"], "model_final.pth"), "OUTPUT_DIR", str(runs["root"] / "eval")]
+    )
+    assert set(res["bbox"]) >= {"AP", "AP50", "AP75", "APs", "APm", "APl"}
+
+
+def test_dataset_flag_registers_coco_json(runs):
+    from tid_d2.data import ensure_generated
+
+    ensure_generated(f"{PREFIX}_val")
+    data = ShapesSpec(seed=0, sizes=(16, 8, 8), image_size=96, root=str(runs["root"] / "data"))
+    spec = f"my_val:{data.json_path('val')}:{data.image_root('val')}"
+    res = run_train_net(
+        ["--config-file", f"{REPO}/configs/shapes/retinanet_r18_student.yaml", "--eval-only", "--dataset", spec]
+        + TINY
+        + ["DATASETS.TEST", "('my_val',)", "OUTPUT_DIR", str(runs["root"] / "eval_mine")]
+    )
+    assert "AP" in res["bbox"]
+
+
+def test_dataset_flag_errors_before_training(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        run_train_net(
+            ["--config-file", f"{REPO}/configs/shapes/retinanet_r18_student.yaml", "--dataset", f"x:{bad}:{tmp_path}"]
+        )
+
+
+def test_export_student_round_trip(runs, capsys):
+    export = _load("export_student", os.path.join(REPO, "tools", "export_student.py"))
+    out = str(runs["root"] / "exported")
+    cfg_opts = runs["tid_opts"]
+    assert export.main(["--config-file", f"{REPO}/configs/shapes/tid_retinanet.yaml", "--weights",
+                        os.path.join(runs["tid"], "model_final.pth"), "--output", out] + cfg_opts) == 0
+    assert "verified" in capsys.readouterr().out
+    state = torch.load(os.path.join(out, "model_final.pth"), weights_only=True)
+    assert not any(k.startswith(("tid_adapters", "teacher")) for k in state["model"])
+    assert set(state) == {"model"}
+    text = open(os.path.join(out, "config.yaml")).read()
+    assert "TID" not in text and "TIDDistiller" not in text
+    # the exported config loads into plain detectron2 (ResNet RetinaNet student)
+    from detectron2.config import get_cfg
+
+    cfg = get_cfg()
+    cfg.merge_from_file(os.path.join(out, "config.yaml"))
+    assert cfg.MODEL.META_ARCHITECTURE == "RetinaNet"
+
+
+def test_export_student_bad_inputs(runs, capsys):
+    export = _load("export_student", os.path.join(REPO, "tools", "export_student.py"))
+    out = str(runs["root"] / "bad_export")
+    # a plain detector config is not a TID config
+    assert export.main(["--config-file", f"{REPO}/configs/shapes/retinanet_r18_student.yaml", "--weights",
+                        os.path.join(runs["tid"], "model_final.pth"), "--output", out]) == 2
+    assert "not a TID config" in capsys.readouterr().err
+    # the teacher's checkpoint is of another architecture than the student
+    assert export.main(["--config-file", f"{REPO}/configs/shapes/tid_retinanet.yaml", "--weights",
+                        os.path.join(runs["teacher"], "model_final.pth"), "--output", out] + runs["tid_opts"]) == 2
+    assert "missing keys" in capsys.readouterr().err
+
+
+def test_check_teacher(runs, capsys):
+    tool = _load("check_teacher", os.path.join(REPO, "tools", "check_teacher.py"))
+    rc = tool.main(["--config-file", f"{REPO}/configs/shapes/tid_retinanet.yaml", "--output",
+                    str(runs["root"] / "check")] + runs["tid_opts"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "loaded strictly" in out and f"teacher on {PREFIX}_test: AP" in out
+    rc = tool.main(["--config-file", f"{REPO}/configs/shapes/tid_retinanet.yaml"] + runs["tid_opts"]
+                   + ["TID.TEACHER.WEIGHTS", "/nonexistent/teacher.pth"])
+    assert rc == 2 and "does not exist" in capsys.readouterr().err
+
+
+def test_visualize_significance_writes_pngs(runs):
+    tool = _load("visualize_significance", os.path.join(REPO, "tools", "visualize_significance.py"))
+    out = str(runs["root"] / "vis")
+    rc = tool.main(["--config-file", f"{REPO}/configs/shapes/tid_retinanet.yaml", "--weights",
+                    os.path.join(runs["tid"], "model_final.pth"), "--dataset", f"{PREFIX}_val",
+                    "--num-images", "2", "--levels", "p3", "p4", "--output", out] + runs["tid_opts"])
+    assert rc == 0
+    pngs = sorted(glob.glob(os.path.join(out, "*.png")))
+    assert len(pngs) == 2
+    for p in pngs:
+        w, h = Image.open(p).size
+        assert w > 400 and h > 250 and os.path.getsize(p) > 10_000
+
+
+def test_plot_training_overlays_runs(runs):
+    tool = _load("plot_training", os.path.join(REPO, "tools", "plot_training.py"))
+    out = str(runs["root"] / "curves.png")
+    assert tool.main([runs["tid"], runs["teacher"], "--labels", "tid", "teacher", "--output", out]) == 0
+    assert Image.open(out).size == (990, 630)
+    assert tool.main([str(runs["root"] / "nothing"), "--output", out]) == 2
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "configs", "**", "*.yaml"), recursive=True)))
+def test_every_shipped_config_loads(path):
+    from tid_d2.config import get_cfg
+
+    cfg = get_cfg()
+    cfg.merge_from_file(path)
+    if os.path.basename(path).startswith("Base-"):
+        return
+    assert cfg.MODEL.META_ARCHITECTURE in ("RetinaNet", "FCOS", "GeneralizedRCNN", "TIDDistiller")
+    if cfg.MODEL.META_ARCHITECTURE == "TIDDistiller":
+        assert cfg.TID.TEACHER.CONFIG_FILE and cfg.TID.TEACHER.WEIGHTS
+        teacher = os.path.join(REPO, cfg.TID.TEACHER.CONFIG_FILE)
+        assert os.path.isfile(teacher), teacher
+
+
+@pytest.mark.parametrize(
+    "path",
+    [p for p in sorted(glob.glob(os.path.join(REPO, "configs", "shapes", "*_*.yaml"))) if "tid_" not in os.path.basename(p)],
+)
+def test_shapes_detector_configs_build(path):
+    from detectron2.modeling import build_model
+
+    from tid_d2.config import get_cfg
+
+    cfg = get_cfg()
+    cfg.merge_from_file(path)
+    model = build_model(cfg)
+    assert sum(p.numel() for p in model.parameters()) > 1e6

@@ -1,0 +1,104 @@
+"""Running ``train_net.py`` as a subprocess and reading its results: shared by the demo and the
+benchmark, so every variant is trained and evaluated through the same command a user runs."""
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from typing import Dict, List, Optional, Sequence
+
+__all__ = ["REPO_ROOT", "train_net", "read_metrics", "final_ap", "ap_curve", "format_table"]
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+AP_FIELDS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+_PROGRESS = re.compile(r"eta: (\S+)\s+iter: (\d+)\s+total_loss: (\S+)")
+
+
+def train_net(
+    config_file: str,
+    output_dir: str,
+    opts: Sequence[str] = (),
+    eval_only: bool = False,
+    label: str = "",
+    quiet: bool = False,
+) -> float:
+    """Run ``train_net.py`` in a subprocess; its full log goes to ``output_dir/train_net.log``,
+    and one progress line per logging period (iteration, total loss, ETA) to stdout.
+
+    Returns:
+        wall-clock seconds. Raises ``RuntimeError`` with the log's tail if the run fails.
+    """
+    os.makedirs(output_dir, exist_ok=True)
+    cmd = [sys.executable, os.path.join(REPO_ROOT, "train_net.py"), "--config-file", config_file]
+    if eval_only:
+        cmd.append("--eval-only")
+    cmd += ["OUTPUT_DIR", output_dir, *opts]
+    log_path = os.path.join(output_dir, "train_net.log")
+    start = time.time()
+    tail: List[str] = []
+    with open(log_path, "w") as log:
+        log.write("$ " + " ".join(cmd) + "\n")
+        log.flush()
+        proc = subprocess.Popen(
+            cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        for line in proc.stdout:
+            log.write(line)
+            tail = (tail + [line])[-40:]
+            m = _PROGRESS.search(line)
+            if m and not quiet:
+                print(f"  [{label}] iter {int(m.group(2)) + 1}  loss {m.group(3)}  eta {m.group(1)}", flush=True)
+        proc.wait()
+    if proc.returncode != 0:
+        raise RuntimeError(
+            f"train_net.py failed ({proc.returncode}) for {label or config_file}; log: {log_path}\n"
+            + "".join(tail[-25:])
+        )
+    return time.time() - start
+
+
+def read_metrics(output_dir: str) -> List[Dict]:
+    """All records of ``output_dir/metrics.json`` (detectron2's JSONWriter, one JSON per line)."""
+    path = os.path.join(output_dir, "metrics.json")
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _ap_key(record: Dict, dataset: Optional[str], field: str) -> Optional[float]:
+    for key in ([f"{dataset}/bbox/{field}"] if dataset else []) + [f"bbox/{field}"]:
+        if key in record:
+            return record[key]
+    return None
+
+
+def final_ap(output_dir: str, dataset: Optional[str] = None) -> Dict[str, float]:
+    """The last bbox AP fields written to metrics.json (the evaluation at the end of training)."""
+    for record in reversed(read_metrics(output_dir)):
+        if _ap_key(record, dataset, "AP") is not None:
+            return {f: _ap_key(record, dataset, f) for f in AP_FIELDS}
+    raise RuntimeError(f"no bbox AP for {dataset or 'the test set'} in {output_dir}/metrics.json")
+
+
+def ap_curve(output_dir: str, dataset: Optional[str] = None) -> List[tuple]:
+    """[(iteration, AP)] of every evaluation in metrics.json."""
+    out = []
+    for record in read_metrics(output_dir):
+        ap = _ap_key(record, dataset, "AP")
+        if ap is not None:
+            out.append((record.get("iteration", 0) + 1, ap))
+    return out
+
+
+def format_table(rows: List[Dict], columns: Sequence[str], floatfmt: str = "{:.2f}") -> str:
+    """A Markdown table of ``rows`` (dicts) with the given columns."""
+
+    def cell(v):
+        return floatfmt.format(v) if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    for row in rows:
+        lines.append("| " + " | ".join(cell(row.get(c, "")) for c in columns) + " |")
+    return "\n".join(lines)
