@@ -1,5 +1,7 @@
 """Training and evaluation plumbing: the Trainer used by ``train_net.py``, a crash-safe checkpointer
 that refuses untrusted pickles, DDP that also works on the CPU, and the teacher check."""
+import glob
+import itertools
 import logging
 import os
 import weakref
@@ -8,6 +10,8 @@ from typing import Dict, Optional
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.data import build_detection_train_loader, get_detection_dataset_dicts
+from detectron2.data.samplers import TrainingSampler
 from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, hooks
 from detectron2.evaluation import COCOEvaluator
 from detectron2.modeling import build_model
@@ -64,6 +68,14 @@ class TIDCheckpointer(DetectionCheckpointer):
         super().__init__(model, save_dir, **checkpointables)
         self.allow_pickle = allow_pickle
 
+    def load(self, path: str, *args, **kwargs):
+        if path and "://" not in path and not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"checkpoint '{path}' does not exist: check MODEL.WEIGHTS (or the run folder's "
+                "last_checkpoint when resuming)."
+            )
+        return super().load(path, *args, **kwargs)
+
     def save(self, name: str, **kwargs) -> None:
         if not self.save_dir or not self.save_to_disk:
             return
@@ -73,6 +85,8 @@ class TIDCheckpointer(DetectionCheckpointer):
         data.update(kwargs)
         basename = f"{name}.pth"
         save_file = os.path.join(self.save_dir, basename)
+        for stale in glob.glob(f"{save_file}.tmp.*"):  # left by a process killed while saving
+            os.remove(stale)
         self.logger.info("Saving checkpoint to %s", save_file)
         _atomic_write(save_file, lambda f: torch.save(data, f), "wb")
         self.tag_last_checkpoint(basename)
@@ -114,6 +128,20 @@ def _atomic_write(path: str, write, mode: str) -> None:
     os.replace(tmp, path)
 
 
+class ResumableTrainingSampler(TrainingSampler):
+    """detectron2's TrainingSampler that can skip the samples a resumed run already consumed, so
+    that a run resumed at iteration k sees the same images, in the same order, as an
+    uninterrupted run (random augmentations are re-seeded at resume, not continued)."""
+
+    def __init__(self, size: int, shuffle: bool = True, seed: Optional[int] = None):
+        super().__init__(size, shuffle, seed)
+        self.skip = 0  # samples per rank to skip
+
+    def __iter__(self):
+        start = self._rank + self.skip * self._world_size
+        yield from itertools.islice(self._infinite_indices(), start, None, self._world_size)
+
+
 class Trainer(DefaultTrainer):
     """DefaultTrainer with COCOEvaluator, CPU-capable DDP, the crash-safe checkpointer and an
     optional evaluation of the teacher before distilling (``TID.TEACHER.EVAL_BEFORE_TRAIN``)."""
@@ -126,7 +154,20 @@ class Trainer(DefaultTrainer):
         cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
-        data_loader = self.build_train_loader(cfg)
+        self._sampler: Optional[ResumableTrainingSampler] = None
+        if cfg.DATALOADER.SAMPLER_TRAIN == "TrainingSampler":
+            for name in cfg.DATASETS.TRAIN:
+                ensure_generated(name)
+            dataset = get_detection_dataset_dicts(
+                cfg.DATASETS.TRAIN,
+                filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
+                min_keypoints=0,
+                proposal_files=cfg.DATASETS.PROPOSAL_FILES_TRAIN if cfg.MODEL.LOAD_PROPOSALS else None,
+            )
+            self._sampler = ResumableTrainingSampler(len(dataset))
+            data_loader = build_detection_train_loader(cfg, dataset=dataset, sampler=self._sampler)
+        else:
+            data_loader = self.build_train_loader(cfg)
         model = create_ddp_model(model)
         trainer_cls = AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer
         self._trainer = trainer_cls(model, data_loader, optimizer)
@@ -141,6 +182,32 @@ class Trainer(DefaultTrainer):
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
         self.register_hooks(self.build_hooks())
+
+    # Training state that detectron2 keeps in plain Python attributes, not in state_dict()
+    # (RetinaNet / FCOS's running loss normaliser): saved with the trainer for an exact resume.
+    _PYTHON_STATE = ("loss_normalizer",)
+
+    def state_dict(self):
+        ret = super().state_dict()
+        ret["module_python_state"] = {
+            f"{name}:{attr}": float(getattr(m, attr))
+            for name, m in unwrap(self.model).named_modules()
+            for attr in self._PYTHON_STATE
+            if isinstance(getattr(m, attr, None), (int, float))
+        }
+        return ret
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        model = unwrap(self.model)
+        for key, value in state_dict.get("module_python_state", {}).items():
+            name, attr = key.rsplit(":", 1)
+            setattr(model.get_submodule(name), attr, value)
+
+    def resume_or_load(self, resume=True):
+        super().resume_or_load(resume=resume)
+        if self._sampler is not None:  # continue the data stream where the checkpoint left it
+            self._sampler.skip = self.start_iter * (self.cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size())
 
     def build_hooks(self):
         ret = super().build_hooks()

@@ -11,10 +11,11 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY, build_model
+from detectron2.utils import comm
 from detectron2.utils.events import EventStorage, get_event_storage
 from torch import nn
 
-from .imitation import FeatureAdapters, region_imitation_loss
+from .imitation import FeatureAdapters, region_counts, region_imitation_loss
 from .probes import DetectorProbe, build_probe
 from .regions import (
     RegionParams,
@@ -298,9 +299,13 @@ class TIDDistiller(nn.Module):
         maps = self._maps(batched_inputs)
         lam = self.lambda_now(iteration)
         losses = {}
+        world = comm.get_world_size()
         for level in self.in_features:
             adapted = self.tid_adapters(level, s_feats[level])
-            loss = region_imitation_loss(adapted, maps["teacher_features"][level], maps["regions"][level])
+            regions = maps["regions"][level]
+            loss = region_imitation_loss(
+                adapted, maps["teacher_features"][level], regions, region_counts(regions, world)
+            )
             losses[f"loss_tid_{level}"] = lam * loss
         if storage is not None:
             self._log(storage, maps, lam, batched_inputs)

@@ -5,12 +5,12 @@
 Each region is normalised by its own location count over the whole batch, so the loss does not
 change when the same images are repeated in a batch, nor with the number of objects per image.
 """
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 
-__all__ = ["FeatureAdapters", "region_imitation_loss"]
+__all__ = ["FeatureAdapters", "region_counts", "region_imitation_loss"]
 
 
 class FeatureAdapters(nn.Module):
@@ -37,10 +37,28 @@ class FeatureAdapters(nn.Module):
         return self.adapters[level](x) if level in self.adapters else x
 
 
+def region_counts(regions: List[Tuple[str, torch.Tensor, float]], world_size: int = 1) -> torch.Tensor:
+    """|r| of every region, as the normaliser of this process's loss.
+
+    With ``world_size`` > 1 the counts are summed over all processes and divided by the world
+    size: DDP averages the processes' gradients, so each process then contributes exactly its
+    share of the loss that one process would compute on the whole global batch. The loss thus
+    does not depend on how many images each GPU holds.
+
+    Returns:
+        (R,) fp32 counts, at least 1 / world_size.
+    """
+    counts = torch.stack([mask.sum() for _, mask, _ in regions]).float()
+    if world_size > 1:
+        torch.distributed.all_reduce(counts)
+    return counts.clamp(min=1.0) / world_size
+
+
 def region_imitation_loss(
     student: torch.Tensor,
     teacher: torch.Tensor,
     regions: List[Tuple[str, torch.Tensor, float]],
+    counts: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Region-normalised squared error of one level, in fp32.
 
@@ -48,15 +66,17 @@ def region_imitation_loss(
         student: (N, C, H, W) adapted student features (any float dtype; with grad).
         teacher: (N, C, H, W) teacher features.
         regions: [(name, mask (N, H, W) bool, alpha)].
+        counts: (R,) normalisers from :func:`region_counts` (default: this batch's counts).
     Returns:
         scalar fp32 loss (before lambda).
     """
+    if counts is None:
+        counts = region_counts(regions)
     diff = (student.float() - teacher.float().detach()).pow(2).sum(dim=1)  # (N, H, W)
     c_t = teacher.shape[1]
     total = diff.new_zeros(())
-    for _name, mask, alpha in regions:
+    for (_name, mask, alpha), count in zip(regions, counts):
         if alpha == 0:
             continue
-        m = mask.to(diff.dtype)
-        total = total + alpha * (diff * m).sum() / (m.sum().clamp(min=1.0) * c_t)
+        total = total + alpha * (diff * mask.to(diff.dtype)).sum() / (count * c_t)
     return total

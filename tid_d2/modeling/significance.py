@@ -108,7 +108,8 @@ def match_to_gt(
                 blk_best = torch.full((min(rows, m - r0),), -1.0, device=boxes.device)
                 blk_idx = torch.zeros_like(blk_best, dtype=torch.long)
                 for c0 in range(0, gts.shape[0], cols):
-                    iou = box_iou(boxes[r0 : r0 + rows], gts[c0 : c0 + cols])
+                    # zero-area GT and predicted boxes give 0/0: count them as no overlap
+                    iou = box_iou(boxes[r0 : r0 + rows], gts[c0 : c0 + cols]).nan_to_num_(0.0)
                     v, i = iou.max(dim=1)
                     better = v > blk_best
                     blk_best = torch.where(better, v, blk_best)

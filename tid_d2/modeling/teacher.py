@@ -102,7 +102,11 @@ def load_weights_strict(
     """Load ``path`` into ``model``; every missing, unexpected or mis-shaped key is an error."""
     state = read_checkpoint(path, allow_pickle, what)
     own = model.state_dict()
-    missing = sorted(set(own) - set(state))
+    # BatchNorm's step counter has no effect on a frozen model: a BN-trained checkpoint may be
+    # loaded into FrozenBN layers (and vice versa) as detectron2 itself allows.
+    counter = "num_batches_tracked"
+    state = {k: v for k, v in state.items() if not (k.endswith(counter) and k not in own)}
+    missing = sorted(k for k in set(own) - set(state) if not k.endswith(counter))
     unexpected = sorted(set(state) - set(own))
     mismatched = sorted(
         f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
@@ -126,7 +130,7 @@ def load_weights_strict(
             + ". Is the config the one these weights were trained with (same architecture, "
             "widths and number of classes)?"
         )
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict(state, strict=False)  # every other key was checked above
 
 
 def build_teacher(cfg) -> Tuple[torch.nn.Module, object]:
