@@ -78,7 +78,8 @@ def figure(inp, maps, levels, input_format, out_path, title):
     for a, h in zip(axes[0], heads):
         a.set_title(h, fontsize=9)
     if has_sig:
-        fig.colorbar(im, ax=axes[:, 1:3].ravel().tolist(), shrink=0.6, label="Score_c x Score_r")
+        fig.colorbar(im, ax=axes.ravel().tolist(), location="right", shrink=0.5, pad=0.02,
+                     label="significance Score_c x Score_r")
     order = [n for n in ("key", "weak", "key+weak", "rest", "all") if n in names or (n == "key+weak" and {"key", "weak"} <= names)]
     handles = [Patch(color=np.array(REGION_COLORS[n]) / 255.0, label=n) for n in order]
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
