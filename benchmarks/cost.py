@@ -15,13 +15,12 @@ import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tid_d2.runs import REPO_ROOT, format_table  # noqa: E402
+from tid_d2.runs import REPO_ROOT, format_table, run_child, write_results  # noqa: E402
 
 MODES = ["none", "fitnet", "gt_mask", "cls_only", "reg_only", "no_ldam", "tid"]
 
@@ -113,10 +112,7 @@ def main(argv=None):
     for what in ["teacher"] + list(args.modes):
         cmd = [sys.executable, __file__, "--family", args.family, "--steps", str(args.steps), "--batch",
                str(args.batch), "--threads", str(args.threads), "--teacher-weights", weights, "--child", what]
-        out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT)
-        if out.returncode != 0:
-            raise RuntimeError(f"cost measurement of {what} failed:\n{out.stderr[-3000:]}")
-        rows[what] = json.loads(out.stdout.strip().splitlines()[-1])
+        rows[what] = run_child(cmd, f"the cost of {what}")
         print(f"[cost] {args.family} {what:8s} {rows[what]['sec_per_iter']:.3f} s/iter  peak {rows[what]['peak_mem_mb']:.0f} MB", flush=True)
     floor = rows["none"]["sec_per_iter"] + rows["teacher"]["sec_per_iter"] if "none" in rows else None
     table = []
@@ -130,12 +126,7 @@ def main(argv=None):
           f"{args.steps} steps; CPU peak = process peak RSS):\n\n"
           + format_table(table, ["measured", "sec/iter", "peak MB", "step / (student step + teacher inf.)"], "{:.3f}")
           + f"\n\nCommand: `python benchmarks/cost.py {' '.join(sys.argv[1:])}`\n")
-    os.makedirs(args.results, exist_ok=True)
-    with open(os.path.join(args.results, f"{args.family}_cost.md"), "w") as f:
-        f.write(md)
-    with open(os.path.join(args.results, f"{args.family}_cost.json"), "w") as f:
-        json.dump(rows, f, indent=1)
-    print(md)
+    write_results(args.results, f"{args.family}_cost", md, rows)
     return 0
 
 

@@ -16,13 +16,12 @@ import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tid_d2.runs import REPO_ROOT, format_table  # noqa: E402
+from tid_d2.runs import REPO_ROOT, format_table, run_child, write_results  # noqa: E402
 
 GT_COUNTS = [1, 10, 100, 1000]
 AREA_SCALES = [1, 2, 4]
@@ -117,10 +116,7 @@ def main(argv=None):
     for n, a in points:
         cmd = [sys.executable, __file__, "--family", args.family, "--repeats", str(args.repeats), "--base-size",
                str(args.base_size), "--batch", str(args.batch), "--child", str(n), str(a)]
-        out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT)
-        if out.returncode != 0:
-            raise RuntimeError(f"scaling point {n} GT x{a} failed:\n{out.stderr[-3000:]}")
-        r = json.loads(out.stdout.strip().splitlines()[-1])
+        r = run_child(cmd, f"scaling point {n} GT x{a}")
         rows.append(r)
         print(f"[scaling] {args.family} GT/image {n:5d} area x{a}: {r['sec'] * 1000:.1f} ms, extra peak {r['extra_peak_mb']:.0f} MB", flush=True)
     table = [{"GT boxes / image": r["num_gt"], "image": f"{r['image_size']} px (x{r['area_scale']:g} area)",
@@ -129,12 +125,7 @@ def main(argv=None):
           "includes the teacher-side significance, excludes the two forwards):\n\n"
           + format_table(table, ["GT boxes / image", "image", "ms (sig + regions + loss)", "extra peak MB"], "{:.1f}")
           + f"\n\nCommand: `python benchmarks/scaling.py {' '.join(sys.argv[1:])}`\n")
-    os.makedirs(args.results, exist_ok=True)
-    with open(os.path.join(args.results, f"{args.family}_scaling.md"), "w") as f:
-        f.write(md)
-    with open(os.path.join(args.results, f"{args.family}_scaling.json"), "w") as f:
-        json.dump(rows, f, indent=1)
-    print(md)
+    write_results(args.results, f"{args.family}_scaling", md, rows)
     return 0
 
 

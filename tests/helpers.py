@@ -1,6 +1,5 @@
 """Shared test helpers: tiny detectron2 configs built without weights, random inputs."""
 import os
-import tempfile
 from typing import List
 
 import torch

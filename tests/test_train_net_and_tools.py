@@ -4,7 +4,6 @@ import glob
 import importlib.util
 import json
 import os
-import sys
 
 import pytest
 import torch

@@ -8,7 +8,16 @@ import sys
 import time
 from typing import Dict, List, Optional, Sequence
 
-__all__ = ["REPO_ROOT", "train_net", "read_metrics", "final_ap", "ap_curve", "format_table"]
+__all__ = [
+    "REPO_ROOT",
+    "train_net",
+    "read_metrics",
+    "final_ap",
+    "ap_curve",
+    "format_table",
+    "run_child",
+    "write_results",
+]
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 AP_FIELDS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
@@ -102,3 +111,22 @@ def format_table(rows: List[Dict], columns: Sequence[str], floatfmt: str = "{:.2
     for row in rows:
         lines.append("| " + " | ".join(cell(row.get(c, "")) for c in columns) + " |")
     return "\n".join(lines)
+
+
+def run_child(cmd: Sequence[str], what: str) -> Dict:
+    """Run a measurement subprocess (one fresh process per measurement, so peak memory is its
+    own) and return the JSON object on the last line of its stdout."""
+    out = subprocess.run(list(cmd), capture_output=True, text=True, cwd=REPO_ROOT)
+    if out.returncode != 0:
+        raise RuntimeError(f"measurement of {what} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def write_results(results_dir: str, stem: str, markdown: str, data) -> None:
+    """``<stem>.md`` and ``<stem>.json`` under ``results_dir``; the Markdown is also printed."""
+    os.makedirs(results_dir, exist_ok=True)
+    with open(os.path.join(results_dir, f"{stem}.md"), "w") as f:
+        f.write(markdown)
+    with open(os.path.join(results_dir, f"{stem}.json"), "w") as f:
+        json.dump(data, f, indent=1)
+    print(markdown)
