@@ -218,3 +218,18 @@ def test_mixed_precision_loss_matches_fp32():
         ref_cast = region_imitation_loss(s.to(dtype).float(), t.to(dtype).float(), regs)
         assert out.item() == pytest.approx(ref_cast.item(), rel=1e-6)
         assert out.item() == pytest.approx(ref.item(), rel=2e-2)
+
+
+def test_feature_normalisation():
+    from tid_d2.modeling.imitation import normalize_features
+
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 3, 4, 5, generator=g) * 7 + 3
+    y = normalize_features(x, "channel")
+    assert torch.allclose(y.mean(dim=(2, 3)), torch.zeros(2, 3), atol=1e-5)
+    assert torch.allclose(y.std(dim=(2, 3)), torch.ones(2, 3), atol=1e-4)
+    assert normalize_features(x, "none") is x
+    # scale- and shift-invariant: a student that is an affine copy of the teacher has zero loss
+    assert torch.allclose(normalize_features(5 * x - 2, "channel"), y, atol=1e-4)
+    with pytest.raises(ValueError, match="FEATURE_NORM"):
+        normalize_features(x, "batch")

@@ -88,6 +88,10 @@ def add_tid_config(cfg):
     # phi_l: "auto" = 1x1 conv when student and teacher widths differ, identity otherwise;
     # "conv" = always a 1x1 conv.
     _C.TID.ADAPTER = "auto"
+    # Normalise teacher and adapted student features before the squared error [ours]:
+    # "none" = raw features; "channel" = per image and channel, zero mean and unit std over the
+    # level's locations (as PKD does for heterogeneous teacher / student pairs).
+    _C.TID.FEATURE_NORM = "none"
 
     _C.TID.TEACHER = _D2CfgNode()
     # The teacher's own config file (a plain detectron2 detector config of this project).

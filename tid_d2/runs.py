@@ -46,11 +46,12 @@ def train_net(
     log_path = os.path.join(output_dir, "train_net.log")
     start = time.time()
     tail: List[str] = []
-    with open(log_path, "w") as log:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    with open(log_path, "w", buffering=1) as log:  # line-buffered: `tail -f` shows progress
         log.write("$ " + " ".join(cmd) + "\n")
         log.flush()
         proc = subprocess.Popen(
-            cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
         )
         for line in proc.stdout:
             log.write(line)

@@ -15,7 +15,12 @@ from detectron2.utils import comm
 from detectron2.utils.events import EventStorage, get_event_storage
 from torch import nn
 
-from .imitation import FeatureAdapters, region_counts, region_imitation_loss
+from .imitation import (
+    FeatureAdapters,
+    normalize_features,
+    region_counts,
+    region_imitation_loss,
+)
 from .probes import DetectorProbe, build_probe
 from .regions import (
     RegionParams,
@@ -96,6 +101,7 @@ class TIDDistiller(nn.Module):
         region_params: RegionParams,
         vis_period: int,
         tid_cfg,
+        feature_norm: str = "none",
     ):
         """
         Args:
@@ -108,6 +114,7 @@ class TIDDistiller(nn.Module):
             region_params: kappa, weak rule and alpha weights.
             vis_period: put significance pictures into the event storage every this many iters.
             tid_cfg: the whole config (for the significance thresholds).
+            feature_norm: "none" or "channel" (see TID.FEATURE_NORM).
         """
         super().__init__()
         if mode not in TID_MODES:
@@ -119,6 +126,8 @@ class TIDDistiller(nn.Module):
         self.warmup_iters = int(warmup_iters)
         self.region_params = region_params
         self.vis_period = vis_period
+        normalize_features(torch.zeros(1, 1, 1, 1), feature_norm)  # validates the mode
+        self.feature_norm = feature_norm
         # Not registered: kept out of state_dict, parameters(), the optimizer and DDP.
         self.__dict__["teacher"] = teacher
         self.teacher_cfg = teacher_cfg
@@ -168,6 +177,7 @@ class TIDDistiller(nn.Module):
             ),
             "vis_period": cfg.VIS_PERIOD,
             "tid_cfg": cfg,
+            "feature_norm": cfg.TID.FEATURE_NORM,
         }
 
     # ------------------------------------------------------------------------- set-up checks
@@ -301,11 +311,10 @@ class TIDDistiller(nn.Module):
         losses = {}
         world = comm.get_world_size()
         for level in self.in_features:
-            adapted = self.tid_adapters(level, s_feats[level])
+            adapted = normalize_features(self.tid_adapters(level, s_feats[level]), self.feature_norm)
+            target = normalize_features(maps["teacher_features"][level], self.feature_norm)
             regions = maps["regions"][level]
-            loss = region_imitation_loss(
-                adapted, maps["teacher_features"][level], regions, region_counts(regions, world)
-            )
+            loss = region_imitation_loss(adapted, target, regions, region_counts(regions, world))
             losses[f"loss_tid_{level}"] = lam * loss
         if storage is not None:
             self._log(storage, maps, lam, batched_inputs)

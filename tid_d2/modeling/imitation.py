@@ -10,7 +10,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-__all__ = ["FeatureAdapters", "region_counts", "region_imitation_loss"]
+__all__ = ["FeatureAdapters", "normalize_features", "region_counts", "region_imitation_loss"]
 
 
 class FeatureAdapters(nn.Module):
@@ -35,6 +35,18 @@ class FeatureAdapters(nn.Module):
     def forward(self, level: str, x: torch.Tensor) -> torch.Tensor:
         """(N, C_S, H, W) -> (N, C_T, H, W)."""
         return self.adapters[level](x) if level in self.adapters else x
+
+
+def normalize_features(x: torch.Tensor, mode: str) -> torch.Tensor:
+    """``mode`` "none": x; "channel": (N, C, H, W) -> zero mean, unit std per image and channel."""
+    if mode == "none":
+        return x
+    if mode != "channel":
+        raise ValueError(f"TID.FEATURE_NORM must be 'none' or 'channel', got {mode!r}")
+    x = x.float()
+    mean = x.mean(dim=(2, 3), keepdim=True)
+    std = x.std(dim=(2, 3), keepdim=True)
+    return (x - mean) / (std + 1e-6)
 
 
 def region_counts(regions: List[Tuple[str, torch.Tensor, float]], world_size: int = 1) -> torch.Tensor:
