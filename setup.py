@@ -5,6 +5,7 @@ detectron2 itself is not on PyPI: install it from its official source first
 (``pip install 'git+https://github.com/facebookresearch/detectron2.git'``), or run
 ``make demo`` / ``make test`` which set up a complete environment on a machine without GitHub.
 """
+
 from setuptools import find_packages, setup
 
 setup(

@@ -9,6 +9,7 @@
 With a TID config, MODEL.WEIGHTS / --resume / --eval-only refer to the student; the teacher comes
 from TID.TEACHER.*.
 """
+
 from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm

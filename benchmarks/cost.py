@@ -10,6 +10,7 @@ footprint.
     python benchmarks/cost.py --family retinanet --steps 10
 writes benchmarks/results/<family>_cost.md and <family>_cost.json.
 """
+
 import argparse
 import json
 import os
@@ -76,7 +77,9 @@ def measure(family, what, steps, batch, teacher_weights, threads):
                     torch.cuda.synchronize()
                 times.append(time.perf_counter() - t)
     else:
-        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-5, momentum=0.9)
+        opt = torch.optim.SGD(
+            [p for p in model.parameters() if p.requires_grad], lr=1e-5, momentum=0.9
+        )
         model.train()
         with EventStorage(0) as storage:
             for i in range(steps + 2):
@@ -90,11 +93,21 @@ def measure(family, what, steps, batch, teacher_weights, threads):
                 times.append(time.perf_counter() - t)
                 storage.iter += 1
     times = times[2:]  # warm-up
-    print(json.dumps({"what": what, "sec_per_iter": statistics.median(times), "peak_mem_mb": _peak_mb(device)}))
+    print(
+        json.dumps(
+            {
+                "what": what,
+                "sec_per_iter": statistics.median(times),
+                "peak_mem_mb": _peak_mb(device),
+            }
+        )
+    )
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--family", default="retinanet", choices=["retinanet", "fcos", "rcnn"])
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--batch", type=int, default=8)
@@ -104,28 +117,60 @@ def main(argv=None):
     p.add_argument("--results", default=os.path.join(REPO_ROOT, "benchmarks", "results"))
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    weights = args.teacher_weights or os.path.join(REPO_ROOT, "output", "bench", f"{args.family}_teacher", "model_final.pth")
+    weights = args.teacher_weights or os.path.join(
+        REPO_ROOT, "output", "bench", f"{args.family}_teacher", "model_final.pth"
+    )
     if args.child:
         measure(args.family, args.child, args.steps, args.batch, weights, args.threads)
         return 0
     rows = {}
     for what in ["teacher"] + list(args.modes):
-        cmd = [sys.executable, __file__, "--family", args.family, "--steps", str(args.steps), "--batch",
-               str(args.batch), "--threads", str(args.threads), "--teacher-weights", weights, "--child", what]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--family",
+            args.family,
+            "--steps",
+            str(args.steps),
+            "--batch",
+            str(args.batch),
+            "--threads",
+            str(args.threads),
+            "--teacher-weights",
+            weights,
+            "--child",
+            what,
+        ]
         rows[what] = run_child(cmd, f"the cost of {what}")
-        print(f"[cost] {args.family} {what:8s} {rows[what]['sec_per_iter']:.3f} s/iter  peak {rows[what]['peak_mem_mb']:.0f} MB", flush=True)
-    floor = rows["none"]["sec_per_iter"] + rows["teacher"]["sec_per_iter"] if "none" in rows else None
+        print(
+            f"[cost] {args.family} {what:8s} {rows[what]['sec_per_iter']:.3f} s/iter  peak {rows[what]['peak_mem_mb']:.0f} MB",
+            flush=True,
+        )
+    floor = (
+        rows["none"]["sec_per_iter"] + rows["teacher"]["sec_per_iter"] if "none" in rows else None
+    )
     table = []
     for what, r in rows.items():
-        row = {"measured": "teacher inference" if what == "teacher" else f"train step, TID.MODE {what}",
-               "sec/iter": r["sec_per_iter"], "peak MB": r["peak_mem_mb"]}
+        row = {
+            "measured": (
+                "teacher inference" if what == "teacher" else f"train step, TID.MODE {what}"
+            ),
+            "sec/iter": r["sec_per_iter"],
+            "peak MB": r["peak_mem_mb"],
+        }
         if floor and what not in ("teacher", "none"):
             row["step / (student step + teacher inf.)"] = r["sec_per_iter"] / floor
         table.append(row)
-    md = (f"Cost on identical batches ({args.family}, batch {args.batch}, {args.threads} threads, median of "
-          f"{args.steps} steps; CPU peak = process peak RSS):\n\n"
-          + format_table(table, ["measured", "sec/iter", "peak MB", "step / (student step + teacher inf.)"], "{:.3f}")
-          + f"\n\nCommand: `python benchmarks/cost.py {' '.join(sys.argv[1:])}`\n")
+    md = (
+        f"Cost on identical batches ({args.family}, batch {args.batch}, {args.threads} threads, median of "
+        f"{args.steps} steps; CPU peak = process peak RSS):\n\n"
+        + format_table(
+            table,
+            ["measured", "sec/iter", "peak MB", "step / (student step + teacher inf.)"],
+            "{:.3f}",
+        )
+        + f"\n\nCommand: `python benchmarks/cost.py {' '.join(sys.argv[1:])}`\n"
+    )
     write_results(args.results, f"{args.family}_cost", md, rows)
     return 0
 

@@ -18,6 +18,7 @@ Cost (sec/iter, peak memory) is measured separately on identical batches by
     python benchmarks/run_benchmark.py --family retinanet --seeds 0 1 2 --iters 1000
     python benchmarks/run_benchmark.py --quick     # every variant for a few iterations (CI)
 """
+
 import argparse
 import json
 import os
@@ -28,7 +29,14 @@ from concurrent.futures import ThreadPoolExecutor
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tid_d2.runs import AP_FIELDS, REPO_ROOT, ap_curve, final_ap, format_table, train_net  # noqa: E402
+from tid_d2.runs import (
+    AP_FIELDS,
+    REPO_ROOT,
+    ap_curve,
+    final_ap,
+    format_table,
+    train_net,
+)  # noqa: E402
 
 MODES = ["none", "fitnet", "gt_mask", "cls_only", "reg_only", "no_ldam", "tid"]
 VAL, TEST = "tid_shapes_val", "tid_shapes_test"
@@ -37,25 +45,42 @@ VAL, TEST = "tid_shapes_val", "tid_shapes_test"
 def _run_variant(args, fam, mode, seed, teacher_weights, out_root, extra):
     out = os.path.join(out_root, f"{fam}_{mode}_s{seed}")
     opts = [
-        "SEED", str(seed),
-        "TID.MODE", mode,
-        "TID.TEACHER.WEIGHTS", teacher_weights,
-        "SOLVER.MAX_ITER", str(args.iters),
-        "DATASETS.TEST", f"('{VAL}','{TEST}')",
-        "TEST.EVAL_PERIOD", str(args.eval_period if seed == args.seeds[0] else 0),
-        "DATALOADER.NUM_WORKERS", str(args.workers),
-        "VIS_PERIOD", "0",
+        "SEED",
+        str(seed),
+        "TID.MODE",
+        mode,
+        "TID.TEACHER.WEIGHTS",
+        teacher_weights,
+        "SOLVER.MAX_ITER",
+        str(args.iters),
+        "DATASETS.TEST",
+        f"('{VAL}','{TEST}')",
+        "TEST.EVAL_PERIOD",
+        str(args.eval_period if seed == args.seeds[0] else 0),
+        "DATALOADER.NUM_WORKERS",
+        str(args.workers),
+        "VIS_PERIOD",
+        "0",
     ] + extra
     done = os.path.join(out, "metrics.json")
     if args.reuse and os.path.isfile(done) and _has_final(out):
         secs = None
     else:
-        secs = train_net(os.path.join(args.config_dir, f"tid_{fam}.yaml"), out, opts, label=f"{mode} s{seed}", quiet=args.parallel > 1)
+        secs = train_net(
+            os.path.join(args.config_dir, f"tid_{fam}.yaml"),
+            out,
+            opts,
+            label=f"{mode} s{seed}",
+            quiet=args.parallel > 1,
+        )
     record = {"family": fam, "mode": mode, "seed": seed, "iterations": args.iters, "wall_s": secs}
     record.update({f: v for f, v in final_ap(out, TEST).items()})
     record.update({f"val_{f}": v for f, v in final_ap(out, VAL).items()})
     record["val_curve"] = ap_curve(out, VAL)
-    print(f"[bench] {fam} {mode:8s} seed {seed}: test AP {record['AP']:.2f}  val AP {record['val_AP']:.2f}", flush=True)
+    print(
+        f"[bench] {fam} {mode:8s} seed {seed}: test AP {record['AP']:.2f}  val AP {record['val_AP']:.2f}",
+        flush=True,
+    )
     return record
 
 
@@ -83,7 +108,9 @@ def summarize(records, fam, teacher_ap, cost=None):
         row["val AP"] = f"{statistics.mean(r['val_AP'] for r in rs):.2f}"
         gap = teacher_ap - base_mean
         mean_ap = statistics.mean(r["AP"] for r in rs)
-        row["gap recovered"] = f"{100 * (mean_ap - base_mean) / gap:.0f}%" if gap > 0 and mode != "none" else "-"
+        row["gap recovered"] = (
+            f"{100 * (mean_ap - base_mean) / gap:.0f}%" if gap > 0 and mode != "none" else "-"
+        )
         rows.append(row)
     cols = ["variant", "seeds", *AP_FIELDS, "val AP", "gap recovered"]
     text = f"### {fam}: COCO bbox AP on {TEST} (mean ± std over seeds); teacher AP {teacher_ap:.2f}\n\n"
@@ -104,8 +131,15 @@ def plots(records, fam, out_dir):
     for i, mode in enumerate(modes):
         aps = [r["AP"] for r in records if r["mode"] == mode]
         ax.scatter([i] * len(aps), aps, color="gray", s=12, zorder=3)
-        ax.errorbar(i, statistics.mean(aps), yerr=statistics.stdev(aps) if len(aps) > 1 else 0,
-                    fmt="o", color="C3" if mode == "tid" else "C0", capsize=4, zorder=4)
+        ax.errorbar(
+            i,
+            statistics.mean(aps),
+            yerr=statistics.stdev(aps) if len(aps) > 1 else 0,
+            fmt="o",
+            color="C3" if mode == "tid" else "C0",
+            capsize=4,
+            zorder=4,
+        )
     ax.set_xticks(range(len(modes)), modes)
     ax.set_ylabel(f"AP on {TEST}")
     ax.set_title(f"{fam}: test AP per variant (dots: seeds, bars: mean ± std)")
@@ -135,13 +169,19 @@ def plots(records, fam, out_dir):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--family", default="retinanet", choices=["retinanet", "fcos", "rcnn"])
     p.add_argument("--modes", nargs="*", default=MODES, choices=MODES)
     p.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
     p.add_argument("--iters", type=int, default=1000)
-    p.add_argument("--eval-period", type=int, default=250, help="val evaluation period (first seed)")
-    p.add_argument("--parallel", type=int, default=1, help="runs at once (each gets cores/parallel threads)")
+    p.add_argument(
+        "--eval-period", type=int, default=250, help="val evaluation period (first seed)"
+    )
+    p.add_argument(
+        "--parallel", type=int, default=1, help="runs at once (each gets cores/parallel threads)"
+    )
     p.add_argument("--workers", type=int, default=2, help="data-loader workers per run")
     p.add_argument("--output", default=os.path.join(REPO_ROOT, "output", "bench"))
     p.add_argument("--results", default=os.path.join(REPO_ROOT, "benchmarks", "results"))
@@ -153,7 +193,14 @@ def main(argv=None):
     extra = list(args.opts)
     if args.quick:
         args.seeds, args.iters, args.eval_period = args.seeds[:1], 4, 2
-        extra += ["SOLVER.WARMUP_ITERS", "1", "SOLVER.IMS_PER_BATCH", "2", "DATALOADER.NUM_WORKERS", "0"]
+        extra += [
+            "SOLVER.WARMUP_ITERS",
+            "1",
+            "SOLVER.IMS_PER_BATCH",
+            "2",
+            "DATALOADER.NUM_WORKERS",
+            "0",
+        ]
         args.workers = 0
     fam = args.family
     if args.parallel > 1:
@@ -169,19 +216,29 @@ def main(argv=None):
     teacher_weights = os.path.join(teacher_dir, "model_final.pth")
     if not os.path.isfile(teacher_weights):
         print(f"[bench] training the {fam} teacher once (cached in {teacher_dir})", flush=True)
-        train_net(os.path.join(args.config_dir, f"{fam}_mnv2_teacher.yaml"), teacher_dir,
-                  ["SOLVER.MAX_ITER", str(args.iters), "DATASETS.TEST", f"('{VAL}','{TEST}')"] + extra,
-                  label="teacher")
+        train_net(
+            os.path.join(args.config_dir, f"{fam}_mnv2_teacher.yaml"),
+            teacher_dir,
+            ["SOLVER.MAX_ITER", str(args.iters), "DATASETS.TEST", f"('{VAL}','{TEST}')"] + extra,
+            label="teacher",
+        )
     teacher_ap = final_ap(teacher_dir, TEST)["AP"]
 
     jobs = [(m, s) for s in args.seeds for m in args.modes]
     with ThreadPoolExecutor(max_workers=args.parallel) as pool:
-        records = list(pool.map(lambda j: _run_variant(args, fam, j[0], j[1], teacher_weights, args.output, extra), jobs))
+        records = list(
+            pool.map(
+                lambda j: _run_variant(args, fam, j[0], j[1], teacher_weights, args.output, extra),
+                jobs,
+            )
+        )
 
     os.makedirs(args.results, exist_ok=True)
     suffix = "_quick" if args.quick else ""
     with open(os.path.join(args.results, f"{fam}{suffix}_runs.json"), "w") as f:
-        json.dump({"teacher_AP": teacher_ap, "command": " ".join(sys.argv), "runs": records}, f, indent=1)
+        json.dump(
+            {"teacher_AP": teacher_ap, "command": " ".join(sys.argv), "runs": records}, f, indent=1
+        )
     cost_md = os.path.join(args.results, f"{fam}_cost.md")
     cost = open(cost_md).read() if os.path.isfile(cost_md) and not args.quick else None
     text = summarize(records, fam, teacher_ap, cost)

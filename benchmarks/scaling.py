@@ -11,6 +11,7 @@ computation needs beyond a training step.
     python benchmarks/scaling.py --family retinanet
 writes benchmarks/results/<family>_scaling.md / .json.
 """
+
 import argparse
 import json
 import os
@@ -60,7 +61,7 @@ def measure(family, num_gt, area_scale, repeats, base_size, batch):
     cfg.TID.TEACHER.WEIGHTS = tmp
     model = build_model(cfg)
     device = torch.device(cfg.MODEL.DEVICE)
-    size = int(round(base_size * area_scale ** 0.5 / 32)) * 32
+    size = int(round(base_size * area_scale**0.5 / 32)) * 32
     g = torch.Generator().manual_seed(0)
     data = []
     for _ in range(batch):
@@ -83,24 +84,44 @@ def measure(family, num_gt, area_scale, repeats, base_size, batch):
             base = _peak(device)
         for _ in range(repeats):
             model.teacher_probe.run(  # the teacher forward is not part of the measured cost
-                model._teacher_images(data, tuple(model.student_probe.captured["input_shape"][-2:])), None
+                model._teacher_images(
+                    data, tuple(model.student_probe.captured["input_shape"][-2:])
+                ),
+                None,
             )
             t = time.perf_counter()
             maps = model._maps_from_captured(data)
             loss = sum(
-                region_imitation_loss(model.tid_adapters(lv, s_feats[lv]), maps["teacher_features"][lv], maps["regions"][lv])
+                region_imitation_loss(
+                    model.tid_adapters(lv, s_feats[lv]),
+                    maps["teacher_features"][lv],
+                    maps["regions"][lv],
+                )
                 for lv in model.in_features
             )
             if device.type == "cuda":
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - t)
         extra = _peak(device) - base
-    print(json.dumps({"num_gt": num_gt, "area_scale": area_scale, "image_size": size, "batch": batch,
-                      "sec": statistics.median(times), "extra_peak_mb": max(0.0, extra), "loss": float(loss)}))
+    print(
+        json.dumps(
+            {
+                "num_gt": num_gt,
+                "area_scale": area_scale,
+                "image_size": size,
+                "batch": batch,
+                "sec": statistics.median(times),
+                "extra_peak_mb": max(0.0, extra),
+                "loss": float(loss),
+            }
+        )
+    )
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--family", default="retinanet", choices=["retinanet", "fcos", "rcnn"])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--base-size", type=int, default=160)
@@ -109,22 +130,55 @@ def main(argv=None):
     p.add_argument("--child", nargs=2, type=float, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
-        measure(args.family, int(args.child[0]), args.child[1], args.repeats, args.base_size, args.batch)
+        measure(
+            args.family, int(args.child[0]), args.child[1], args.repeats, args.base_size, args.batch
+        )
         return 0
-    points = [(n, 1) for n in GT_COUNTS] + [(10, a) for a in AREA_SCALES[1:]] + [(1000, AREA_SCALES[-1])]
+    points = (
+        [(n, 1) for n in GT_COUNTS] + [(10, a) for a in AREA_SCALES[1:]] + [(1000, AREA_SCALES[-1])]
+    )
     rows = []
     for n, a in points:
-        cmd = [sys.executable, __file__, "--family", args.family, "--repeats", str(args.repeats), "--base-size",
-               str(args.base_size), "--batch", str(args.batch), "--child", str(n), str(a)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--family",
+            args.family,
+            "--repeats",
+            str(args.repeats),
+            "--base-size",
+            str(args.base_size),
+            "--batch",
+            str(args.batch),
+            "--child",
+            str(n),
+            str(a),
+        ]
         r = run_child(cmd, f"scaling point {n} GT x{a}")
         rows.append(r)
-        print(f"[scaling] {args.family} GT/image {n:5d} area x{a}: {r['sec'] * 1000:.1f} ms, extra peak {r['extra_peak_mb']:.0f} MB", flush=True)
-    table = [{"GT boxes / image": r["num_gt"], "image": f"{r['image_size']} px (x{r['area_scale']:g} area)",
-              "ms (sig + regions + loss)": r["sec"] * 1000, "extra peak MB": r["extra_peak_mb"]} for r in rows]
-    md = (f"Significance + regions + loss alone ({args.family}, batch {args.batch}, median of {args.repeats}; "
-          "includes the teacher-side significance, excludes the two forwards):\n\n"
-          + format_table(table, ["GT boxes / image", "image", "ms (sig + regions + loss)", "extra peak MB"], "{:.1f}")
-          + f"\n\nCommand: `python benchmarks/scaling.py {' '.join(sys.argv[1:])}`\n")
+        print(
+            f"[scaling] {args.family} GT/image {n:5d} area x{a}: {r['sec'] * 1000:.1f} ms, extra peak {r['extra_peak_mb']:.0f} MB",
+            flush=True,
+        )
+    table = [
+        {
+            "GT boxes / image": r["num_gt"],
+            "image": f"{r['image_size']} px (x{r['area_scale']:g} area)",
+            "ms (sig + regions + loss)": r["sec"] * 1000,
+            "extra peak MB": r["extra_peak_mb"],
+        }
+        for r in rows
+    ]
+    md = (
+        f"Significance + regions + loss alone ({args.family}, batch {args.batch}, median of {args.repeats}; "
+        "includes the teacher-side significance, excludes the two forwards):\n\n"
+        + format_table(
+            table,
+            ["GT boxes / image", "image", "ms (sig + regions + loss)", "extra peak MB"],
+            "{:.1f}",
+        )
+        + f"\n\nCommand: `python benchmarks/scaling.py {' '.join(sys.argv[1:])}`\n"
+    )
     write_results(args.results, f"{args.family}_scaling", md, rows)
     return 0
 

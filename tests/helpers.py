@@ -1,4 +1,5 @@
 """Shared test helpers: tiny detectron2 configs built without weights, random inputs."""
+
 import os
 from typing import List
 
@@ -32,7 +33,13 @@ def tiny_cfg(family: str = "RetinaNet", width: int = 16, depth: int = 18):
         cfg.MODEL.FCOS.NUM_CLASSES = NUM_CLASSES
         cfg.MODEL.FCOS.NUM_CONVS = 1
         cfg.MODEL.FCOS.HEAD_NORM = ""
-        cfg.MODEL.ANCHOR_GENERATOR.SIZES = [[8, 11, 16], [16, 23, 32], [32, 45, 64], [64, 90, 128], [128, 181, 256]]
+        cfg.MODEL.ANCHOR_GENERATOR.SIZES = [
+            [8, 11, 16],
+            [16, 23, 32],
+            [32, 45, 64],
+            [64, 90, 128],
+            [128, 181, 256],
+        ]
     elif family == "GeneralizedRCNN":
         cfg.MODEL.META_ARCHITECTURE = "GeneralizedRCNN"
         cfg.MODEL.BACKBONE.NAME = "build_resnet_fpn_backbone"
@@ -59,7 +66,9 @@ def tiny_cfg(family: str = "RetinaNet", width: int = 16, depth: int = 18):
     return cfg
 
 
-def random_inputs(n: int = 2, size: int = 64, boxes_per_image: int = 2, seed: int = 0) -> List[dict]:
+def random_inputs(
+    n: int = 2, size: int = 64, boxes_per_image: int = 2, seed: int = 0
+) -> List[dict]:
     """detectron2 training inputs: uint8 images and random GT boxes (``boxes_per_image`` may be 0)."""
     g = torch.Generator().manual_seed(seed)
     out = []
@@ -88,8 +97,14 @@ def write_cfg(cfg, path: str) -> str:
     return path
 
 
-def tid_cfg(tmpdir: str, family: str = "RetinaNet", mode: str = "tid", teacher_width: int = 32,
-            student_width: int = 16, teacher_family: str = None):
+def tid_cfg(
+    tmpdir: str,
+    family: str = "RetinaNet",
+    mode: str = "tid",
+    teacher_width: int = 32,
+    student_width: int = 16,
+    teacher_family: str = None,
+):
     """A TIDDistiller config: tiny student of ``family``, tiny teacher saved under ``tmpdir``."""
     tcfg = tiny_cfg(teacher_family or family, width=teacher_width)
     tpath = write_cfg(tcfg, os.path.join(tmpdir, "teacher.yaml"))

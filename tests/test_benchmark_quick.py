@@ -1,4 +1,5 @@
 """The benchmark's --quick mode runs every variant end to end, so the benchmark never rots."""
+
 import json
 import os
 import subprocess
@@ -19,10 +20,19 @@ def test_benchmark_quick_runs_every_variant(tmp_path):
         OMP_NUM_THREADS="1",
     )
     cmd = [
-        sys.executable, os.path.join(REPO, "benchmarks", "run_benchmark.py"), "--quick",
-        "--output", str(tmp_path / "runs"), "--results", str(tmp_path / "results"),
-        "MODEL.FPN.OUT_CHANNELS", "16", "MODEL.RETINANET.NUM_CONVS", "1",
-        "TID.TEACHER.OPTS", "['MODEL.FPN.OUT_CHANNELS', '16', 'MODEL.RETINANET.NUM_CONVS', '1']",
+        sys.executable,
+        os.path.join(REPO, "benchmarks", "run_benchmark.py"),
+        "--quick",
+        "--output",
+        str(tmp_path / "runs"),
+        "--results",
+        str(tmp_path / "results"),
+        "MODEL.FPN.OUT_CHANNELS",
+        "16",
+        "MODEL.RETINANET.NUM_CONVS",
+        "1",
+        "TID.TEACHER.OPTS",
+        "['MODEL.FPN.OUT_CHANNELS', '16', 'MODEL.RETINANET.NUM_CONVS', '1']",
     ]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]

@@ -1,4 +1,5 @@
 """TIDDistiller end to end on tiny models built without weights (CPU, a few steps each)."""
+
 import os
 
 import pytest
@@ -48,7 +49,12 @@ def test_every_mode_trains_finite(tmp_path, family, mode):
         latest = storage.latest()
         assert "tid/lambda" in latest
         if mode in ("tid", "cls_only", "reg_only", "no_ldam"):
-            for key in ("tid/key_share", "tid/rest_share", "tid/sig_teacher_mean", "tid/sig_student_mean"):
+            for key in (
+                "tid/key_share",
+                "tid/rest_share",
+                "tid/sig_teacher_mean",
+                "tid/sig_student_mean",
+            ):
                 assert key in latest, key
 
 
@@ -314,7 +320,9 @@ def test_missing_teacher_weights_and_config(tmp_path):
 
 def test_teacher_weights_of_another_architecture(tmp_path):
     cfg = tid_cfg(str(tmp_path), "RetinaNet", "tid")
-    cfg.TID.TEACHER.WEIGHTS = save_weights(tiny_cfg("GeneralizedRCNN", 32), str(tmp_path / "rcnn.pth"))
+    cfg.TID.TEACHER.WEIGHTS = save_weights(
+        tiny_cfg("GeneralizedRCNN", 32), str(tmp_path / "rcnn.pth")
+    )
     with pytest.raises(ValueError, match="missing keys .*unexpected keys"):
         build_model(cfg)
 

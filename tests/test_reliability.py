@@ -1,4 +1,5 @@
 """Distributed training on the CPU, exact resume, crash-safe checkpoints, hostile inputs."""
+
 import json
 import os
 import random
@@ -40,7 +41,9 @@ def _ddp_worker(tmpdir, steps):
     model = create_ddp_model(model)
     assert isinstance(model, torch.nn.parallel.DistributedDataParallel)
     assert model.device_ids is None  # CPU modules reject device_ids
-    assert model.module.teacher is not None and not any("teacher" in n for n, _ in model.named_parameters())
+    assert model.module.teacher is not None and not any(
+        "teacher" in n for n, _ in model.named_parameters()
+    )
     batch = random_inputs(2, 64, seed=11)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     records = []
@@ -71,28 +74,61 @@ def test_ddp_two_processes_match_one_process(tmp_path):
     ranks = [json.load(open(os.path.join(tmpdir, f"rank{r}.json"))) for r in range(2)]
     tid_keys = [k for k in single if k.startswith("loss_tid_")]
     assert tid_keys
-    for k in tid_keys:  # DDP averages gradients: the mean of the ranks' losses is the 1-process loss
+    for (
+        k
+    ) in tid_keys:  # DDP averages gradients: the mean of the ranks' losses is the 1-process loss
         mean = (ranks[0][0][k] + ranks[1][0][k]) / 2
         assert mean == pytest.approx(single[k], rel=1e-4), k
     for r in ranks:  # several steps ran, all finite
-        assert len(r) == 3 and all(all(v == v and abs(v) < 1e6 for v in step.values()) for step in r)
+        assert len(r) == 3 and all(
+            all(v == v and abs(v) < 1e6 for v in step.values()) for step in r
+        )
 
 
 # ----------------------------------------------------------------------------- resume / crash
 MINI = "rel_shapes"
 TRAIN_OPTS = [
-    "MODEL.FPN.OUT_CHANNELS", "16", "MODEL.RETINANET.NUM_CONVS", "1",
-    "SOLVER.IMS_PER_BATCH", "2", "SOLVER.WARMUP_ITERS", "1", "SOLVER.BASE_LR", "0.001",
-    "DATALOADER.NUM_WORKERS", "0", "INPUT.RANDOM_FLIP", "none",
-    "INPUT.MIN_SIZE_TRAIN", "(96,)", "INPUT.MAX_SIZE_TRAIN", "96",
-    "DATASETS.TRAIN", f"('{MINI}_train',)", "DATASETS.TEST", "()", "SEED", "3",
+    "MODEL.FPN.OUT_CHANNELS",
+    "16",
+    "MODEL.RETINANET.NUM_CONVS",
+    "1",
+    "SOLVER.IMS_PER_BATCH",
+    "2",
+    "SOLVER.WARMUP_ITERS",
+    "1",
+    "SOLVER.BASE_LR",
+    "0.001",
+    "DATALOADER.NUM_WORKERS",
+    "0",
+    "INPUT.RANDOM_FLIP",
+    "none",
+    "INPUT.MIN_SIZE_TRAIN",
+    "(96,)",
+    "INPUT.MAX_SIZE_TRAIN",
+    "96",
+    "DATASETS.TRAIN",
+    f"('{MINI}_train',)",
+    "DATASETS.TEST",
+    "()",
+    "SEED",
+    "3",
 ]
 
 
 def _trainer(out, max_iter, period):
     cfg = get_cfg()
     cfg.merge_from_file(os.path.join(REPO, "configs", "shapes", "retinanet_r18_student.yaml"))
-    cfg.merge_from_list(TRAIN_OPTS + ["SOLVER.MAX_ITER", str(max_iter), "SOLVER.CHECKPOINT_PERIOD", str(period), "OUTPUT_DIR", out])
+    cfg.merge_from_list(
+        TRAIN_OPTS
+        + [
+            "SOLVER.MAX_ITER",
+            str(max_iter),
+            "SOLVER.CHECKPOINT_PERIOD",
+            str(period),
+            "OUTPUT_DIR",
+            out,
+        ]
+    )
     cfg.freeze()
     from detectron2.utils.env import seed_all_rng
 
@@ -138,14 +174,31 @@ def test_kill_during_training_leaves_valid_checkpoint(tmp_path, mini_data):
     out = str(tmp_path / "run")
     spec = ShapesSpec(seed=1, sizes=(12, 6, 6), image_size=96, root=str(mini_data))
     ds = f"{MINI}_train:{spec.json_path('train')}:{spec.image_root('train')}"
-    cmd = [sys.executable, os.path.join(REPO, "train_net.py"), "--config-file",
-           os.path.join(REPO, "configs", "shapes", "retinanet_r18_student.yaml"), "--dataset", ds]
-    opts = [o for o in TRAIN_OPTS] + ["SOLVER.MAX_ITER", "40", "SOLVER.CHECKPOINT_PERIOD", "1", "OUTPUT_DIR", out]
+    cmd = [
+        sys.executable,
+        os.path.join(REPO, "train_net.py"),
+        "--config-file",
+        os.path.join(REPO, "configs", "shapes", "retinanet_r18_student.yaml"),
+        "--dataset",
+        ds,
+    ]
+    opts = [o for o in TRAIN_OPTS] + [
+        "SOLVER.MAX_ITER",
+        "40",
+        "SOLVER.CHECKPOINT_PERIOD",
+        "1",
+        "OUTPUT_DIR",
+        out,
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     rng = random.Random(0)
     for attempt in range(3):
-        proc = subprocess.Popen(cmd + (["--resume"] if attempt else []) + opts, env=env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            cmd + (["--resume"] if attempt else []) + opts,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         deadline = time.time() + 120
         while not os.path.isfile(os.path.join(out, "last_checkpoint")) and time.time() < deadline:
             time.sleep(0.2)
@@ -175,9 +228,21 @@ def test_zero_area_and_out_of_image_boxes(tmp_path, mini_data):
     model = build_model(cfg)
     d = dict(DatasetCatalog.get(f"{MINI}_train")[0])
     d["annotations"] = [
-        {"bbox": [10.0, 10.0, 0.0, 0.0], "bbox_mode": BoxMode.XYWH_ABS, "category_id": 0},  # zero area
-        {"bbox": [120.0, 120.0, 20.0, 20.0], "bbox_mode": BoxMode.XYWH_ABS, "category_id": 1},  # outside
-        {"bbox": [-20.0, -5.0, 50.0, 85.0], "bbox_mode": BoxMode.XYWH_ABS, "category_id": 2},  # partly
+        {
+            "bbox": [10.0, 10.0, 0.0, 0.0],
+            "bbox_mode": BoxMode.XYWH_ABS,
+            "category_id": 0,
+        },  # zero area
+        {
+            "bbox": [120.0, 120.0, 20.0, 20.0],
+            "bbox_mode": BoxMode.XYWH_ABS,
+            "category_id": 1,
+        },  # outside
+        {
+            "bbox": [-20.0, -5.0, 50.0, 85.0],
+            "bbox_mode": BoxMode.XYWH_ABS,
+            "category_id": 2,
+        },  # partly
     ]
     mapped = DatasetMapper(cfg, is_train=True)(d)
     assert len(mapped["instances"]) == 1  # only the partly-outside box survives, clipped

@@ -1,4 +1,5 @@
 """Hand-computed expectations for DIEM (significance), LDAM (regions) and SFDM (loss)."""
+
 import pytest
 import torch
 
@@ -25,7 +26,9 @@ P = SigParams(iou_thresholds=(0.4, 0.5))  # RetinaNet's own thresholds, paper ti
 def test_tier_boundaries():
     x = torch.tensor([0.0, 0.4, 0.41, 0.49, 0.5, 0.9])
     # <= lo -> low; lo < x < hi -> mid; >= hi -> high
-    assert tier(x, 0.4, 0.5, (0.4, 1.5, 2.0)).tolist() == pytest.approx([0.4, 0.4, 1.5, 1.5, 2.0, 2.0])
+    assert tier(x, 0.4, 0.5, (0.4, 1.5, 2.0)).tolist() == pytest.approx(
+        [0.4, 0.4, 1.5, 1.5, 2.0, 2.0]
+    )
 
 
 def test_match_to_gt_iou_and_class():
@@ -45,7 +48,9 @@ def test_match_to_gt_iou_and_class():
 
 
 def test_match_to_gt_no_gt_gives_zero_and_minus_one():
-    iou, matched = match_to_gt([torch.rand(5, 4) * 10], [torch.zeros(0, 4)], [torch.zeros(0, dtype=torch.long)])
+    iou, matched = match_to_gt(
+        [torch.rand(5, 4) * 10], [torch.zeros(0, 4)], [torch.zeros(0, dtype=torch.long)]
+    )
     assert iou[0].tolist() == [0.0] * 5
     assert matched[0].tolist() == [-1] * 5
 
@@ -99,7 +104,9 @@ def test_significance_tiers(iou, p_cls, expected):
 
 def test_significance_background_mid_tier():
     # background with max fg prob 0.55 -> q = 0.45 (mid) -> 1.5 * 0.4
-    sig = significance(torch.tensor([0.1]), torch.tensor([[0.55, 0.1]]), torch.tensor([0]), P, "sigmoid")
+    sig = significance(
+        torch.tensor([0.1]), torch.tensor([[0.55, 0.1]]), torch.tensor([0]), P, "sigmoid"
+    )
     assert sig.item() == pytest.approx(0.6)
 
 
@@ -108,13 +115,21 @@ def test_significance_ablated_scores():
     cls_only = SigParams(iou_thresholds=(0.4, 0.5), use_reg=False, ablated_score=2.0)
     reg_only = SigParams(iou_thresholds=(0.4, 0.5), use_cls=False, ablated_score=2.0)
     # IoU 0.45 (mid, 1.5) and q = 0.9 (high, 2.0)
-    assert significance(torch.tensor([0.45]), probs, torch.tensor([0]), cls_only, "sigmoid").item() == 4.0
-    assert significance(torch.tensor([0.45]), probs, torch.tensor([0]), reg_only, "sigmoid").item() == 3.0
+    assert (
+        significance(torch.tensor([0.45]), probs, torch.tensor([0]), cls_only, "sigmoid").item()
+        == 4.0
+    )
+    assert (
+        significance(torch.tensor([0.45]), probs, torch.tensor([0]), reg_only, "sigmoid").item()
+        == 3.0
+    )
 
 
 def test_significance_is_fp32_from_half_inputs():
     probs = torch.tensor([[0.9, 0.1]], dtype=torch.float16)
-    sig = significance(torch.tensor([0.8], dtype=torch.bfloat16), probs, torch.tensor([0]), P, "sigmoid")
+    sig = significance(
+        torch.tensor([0.8], dtype=torch.bfloat16), probs, torch.tensor([0]), P, "sigmoid"
+    )
     assert sig.dtype == torch.float32 and sig.item() == 4.0
 
 
@@ -138,7 +153,9 @@ def test_paint_boxes_footprint_and_max():
     assert torch.equal(out[0], expected0)
     assert torch.equal(out[1], expected1)
     # chunking over boxes gives the same map
-    assert torch.equal(paint_boxes(boxes, vals, torch.tensor([0, 0, 1]), (2, 4, 4), 8, max_elements=16), out)
+    assert torch.equal(
+        paint_boxes(boxes, vals, torch.tensor([0, 0, 1]), (2, 4, 4), 8, max_elements=16), out
+    )
 
 
 def test_valid_mask_excludes_padding():
@@ -179,7 +196,9 @@ def test_region_loss_hand_computed():
     loss = region_imitation_loss(s, t, [("key", key, 1.0), ("rest", rest, 0.05)])
     assert loss.item() == pytest.approx(1.0 / 1 + 0.05 * (4 + 9 + 16) / 3)
     # C_T normalisation: two identical channels give the same loss
-    loss2 = region_imitation_loss(s.repeat(1, 2, 1, 1), t.repeat(1, 2, 1, 1), [("key", key, 1.0), ("rest", rest, 0.05)])
+    loss2 = region_imitation_loss(
+        s.repeat(1, 2, 1, 1), t.repeat(1, 2, 1, 1), [("key", key, 1.0), ("rest", rest, 0.05)]
+    )
     assert loss2.item() == pytest.approx(loss.item())
     # empty region contributes nothing
     empty = torch.zeros_like(key)
@@ -193,7 +212,14 @@ def test_region_loss_invariant_to_repeating_the_batch():
     valid = torch.ones(2, 5, 5, dtype=torch.bool)
     one = region_imitation_loss(s, t, ldam_regions(sig_t, sig_s, valid, RegionParams()))
     two = region_imitation_loss(
-        torch.cat([s, s]), torch.cat([t, t]), ldam_regions(torch.cat([sig_t, sig_t]), torch.cat([sig_s, sig_s]), torch.cat([valid, valid]), RegionParams())
+        torch.cat([s, s]),
+        torch.cat([t, t]),
+        ldam_regions(
+            torch.cat([sig_t, sig_t]),
+            torch.cat([sig_s, sig_s]),
+            torch.cat([valid, valid]),
+            RegionParams(),
+        ),
     )
     assert two.item() == pytest.approx(one.item(), rel=1e-6)
 

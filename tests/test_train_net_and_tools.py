@@ -1,5 +1,6 @@
 """train_net.py and the tools on a tiny tid_shapes dataset: real configs, real checkpoints,
 COCOEvaluator. One teacher and one TID student are trained for a few iterations per session."""
+
 import glob
 import importlib.util
 import json
@@ -16,18 +17,34 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PREFIX = "mini_shapes"
 # Small, fast versions of the shipped configs (same files, command-line overrides only).
 TINY = [
-    "MODEL.FPN.OUT_CHANNELS", "16",
-    "MODEL.RETINANET.NUM_CONVS", "1",
-    "SOLVER.IMS_PER_BATCH", "2",
-    "SOLVER.MAX_ITER", "3",
-    "SOLVER.WARMUP_ITERS", "1",
-    "SOLVER.BASE_LR", "0.001",
-    "SOLVER.CHECKPOINT_PERIOD", "1000",
-    "DATALOADER.NUM_WORKERS", "0",
-    "INPUT.MIN_SIZE_TRAIN", "(96,)", "INPUT.MAX_SIZE_TRAIN", "96",
-    "INPUT.MIN_SIZE_TEST", "96", "INPUT.MAX_SIZE_TEST", "96",
-    "DATASETS.TRAIN", f"('{PREFIX}_train',)",
-    "DATASETS.TEST", f"('{PREFIX}_test',)",
+    "MODEL.FPN.OUT_CHANNELS",
+    "16",
+    "MODEL.RETINANET.NUM_CONVS",
+    "1",
+    "SOLVER.IMS_PER_BATCH",
+    "2",
+    "SOLVER.MAX_ITER",
+    "3",
+    "SOLVER.WARMUP_ITERS",
+    "1",
+    "SOLVER.BASE_LR",
+    "0.001",
+    "SOLVER.CHECKPOINT_PERIOD",
+    "1000",
+    "DATALOADER.NUM_WORKERS",
+    "0",
+    "INPUT.MIN_SIZE_TRAIN",
+    "(96,)",
+    "INPUT.MAX_SIZE_TRAIN",
+    "96",
+    "INPUT.MIN_SIZE_TEST",
+    "96",
+    "INPUT.MAX_SIZE_TEST",
+    "96",
+    "DATASETS.TRAIN",
+    f"('{PREFIX}_train',)",
+    "DATASETS.TEST",
+    f"('{PREFIX}_test',)",
 ]
 
 
@@ -49,19 +66,31 @@ def run_train_net(argv):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
-    register_tid_shapes(PREFIX, ShapesSpec(seed=0, sizes=(16, 8, 8), image_size=96, root=str(root / "data")))
+    register_tid_shapes(
+        PREFIX, ShapesSpec(seed=0, sizes=(16, 8, 8), image_size=96, root=str(root / "data"))
+    )
     teacher_dir = str(root / "teacher")
     run_train_net(
-        ["--config-file", f"{REPO}/configs/shapes/retinanet_mnv2_teacher.yaml", "OUTPUT_DIR", teacher_dir]
+        [
+            "--config-file",
+            f"{REPO}/configs/shapes/retinanet_mnv2_teacher.yaml",
+            "OUTPUT_DIR",
+            teacher_dir,
+        ]
         + TINY
     )
     tid_dir = str(root / "tid")
     tid_opts = TINY + [
-        "TID.TEACHER.WEIGHTS", f"{teacher_dir}/model_final.pth",
-        "TID.TEACHER.OPTS", json.dumps(["MODEL.FPN.OUT_CHANNELS", "16", "MODEL.RETINANET.NUM_CONVS", "1"]),
-        "TID.TEACHER.EVAL_BEFORE_TRAIN", "True",
-        "VIS_PERIOD", "2",
-        "OUTPUT_DIR", tid_dir,
+        "TID.TEACHER.WEIGHTS",
+        f"{teacher_dir}/model_final.pth",
+        "TID.TEACHER.OPTS",
+        json.dumps(["MODEL.FPN.OUT_CHANNELS", "16", "MODEL.RETINANET.NUM_CONVS", "1"]),
+        "TID.TEACHER.EVAL_BEFORE_TRAIN",
+        "True",
+        "VIS_PERIOD",
+        "2",
+        "OUTPUT_DIR",
+        tid_dir,
     ]
     run_train_net(["--config-file", f"{REPO}/configs/shapes/tid_retinanet.yaml"] + tid_opts)
     return {"root": root, "teacher": teacher_dir, "tid": tid_dir, "tid_opts": tid_opts}
@@ -82,7 +111,12 @@ def test_eval_only_returns_bbox_ap(runs):
     res = run_train_net(
         ["--config-file", f"{REPO}/configs/shapes/tid_retinanet.yaml", "--eval-only"]
         + runs["tid_opts"]
-        + ["MODEL.WEIGHTS", os.path.join(runs["tid"], "model_final.pth"), "OUTPUT_DIR", str(runs["root"] / "eval")]
+        + [
+            "MODEL.WEIGHTS",
+            os.path.join(runs["tid"], "model_final.pth"),
+            "OUTPUT_DIR",
+            str(runs["root"] / "eval"),
+        ]
     )
     assert set(res["bbox"]) >= {"AP", "AP50", "AP75", "APs", "APm", "APl"}
 
@@ -94,7 +128,13 @@ def test_dataset_flag_registers_coco_json(runs):
     data = ShapesSpec(seed=0, sizes=(16, 8, 8), image_size=96, root=str(runs["root"] / "data"))
     spec = f"my_val:{data.json_path('val')}:{data.image_root('val')}"
     res = run_train_net(
-        ["--config-file", f"{REPO}/configs/shapes/retinanet_r18_student.yaml", "--eval-only", "--dataset", spec]
+        [
+            "--config-file",
+            f"{REPO}/configs/shapes/retinanet_r18_student.yaml",
+            "--eval-only",
+            "--dataset",
+            spec,
+        ]
         + TINY
         + ["DATASETS.TEST", "('my_val',)", "OUTPUT_DIR", str(runs["root"] / "eval_mine")]
     )
@@ -106,7 +146,12 @@ def test_dataset_flag_errors_before_training(tmp_path):
     bad.write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
         run_train_net(
-            ["--config-file", f"{REPO}/configs/shapes/retinanet_r18_student.yaml", "--dataset", f"x:{bad}:{tmp_path}"]
+            [
+                "--config-file",
+                f"{REPO}/configs/shapes/retinanet_r18_student.yaml",
+                "--dataset",
+                f"x:{bad}:{tmp_path}",
+            ]
         )
 
 
@@ -114,8 +159,20 @@ def test_export_student_round_trip(runs, capsys):
     export = _load("export_student", os.path.join(REPO, "tools", "export_student.py"))
     out = str(runs["root"] / "exported")
     cfg_opts = runs["tid_opts"]
-    assert export.main(["--config-file", f"{REPO}/configs/shapes/tid_retinanet.yaml", "--weights",
-                        os.path.join(runs["tid"], "model_final.pth"), "--output", out] + cfg_opts) == 0
+    assert (
+        export.main(
+            [
+                "--config-file",
+                f"{REPO}/configs/shapes/tid_retinanet.yaml",
+                "--weights",
+                os.path.join(runs["tid"], "model_final.pth"),
+                "--output",
+                out,
+            ]
+            + cfg_opts
+        )
+        == 0
+    )
     assert "verified" in capsys.readouterr().out
     state = torch.load(os.path.join(out, "model_final.pth"), weights_only=True)
     assert not any(k.startswith(("tid_adapters", "teacher")) for k in state["model"])
@@ -134,32 +191,80 @@ def test_export_student_bad_inputs(runs, capsys):
     export = _load("export_student", os.path.join(REPO, "tools", "export_student.py"))
     out = str(runs["root"] / "bad_export")
     # a plain detector config is not a TID config
-    assert export.main(["--config-file", f"{REPO}/configs/shapes/retinanet_r18_student.yaml", "--weights",
-                        os.path.join(runs["tid"], "model_final.pth"), "--output", out]) == 2
+    assert (
+        export.main(
+            [
+                "--config-file",
+                f"{REPO}/configs/shapes/retinanet_r18_student.yaml",
+                "--weights",
+                os.path.join(runs["tid"], "model_final.pth"),
+                "--output",
+                out,
+            ]
+        )
+        == 2
+    )
     assert "not a TID config" in capsys.readouterr().err
     # the teacher's checkpoint is of another architecture than the student
-    assert export.main(["--config-file", f"{REPO}/configs/shapes/tid_retinanet.yaml", "--weights",
-                        os.path.join(runs["teacher"], "model_final.pth"), "--output", out] + runs["tid_opts"]) == 2
+    assert (
+        export.main(
+            [
+                "--config-file",
+                f"{REPO}/configs/shapes/tid_retinanet.yaml",
+                "--weights",
+                os.path.join(runs["teacher"], "model_final.pth"),
+                "--output",
+                out,
+            ]
+            + runs["tid_opts"]
+        )
+        == 2
+    )
     assert "missing keys" in capsys.readouterr().err
 
 
 def test_check_teacher(runs, capsys):
     tool = _load("check_teacher", os.path.join(REPO, "tools", "check_teacher.py"))
-    rc = tool.main(["--config-file", f"{REPO}/configs/shapes/tid_retinanet.yaml", "--output",
-                    str(runs["root"] / "check")] + runs["tid_opts"])
+    rc = tool.main(
+        [
+            "--config-file",
+            f"{REPO}/configs/shapes/tid_retinanet.yaml",
+            "--output",
+            str(runs["root"] / "check"),
+        ]
+        + runs["tid_opts"]
+    )
     out = capsys.readouterr().out
     assert rc == 0 and "loaded strictly" in out and f"teacher on {PREFIX}_test: AP" in out
-    rc = tool.main(["--config-file", f"{REPO}/configs/shapes/tid_retinanet.yaml"] + runs["tid_opts"]
-                   + ["TID.TEACHER.WEIGHTS", "/nonexistent/teacher.pth"])
+    rc = tool.main(
+        ["--config-file", f"{REPO}/configs/shapes/tid_retinanet.yaml"]
+        + runs["tid_opts"]
+        + ["TID.TEACHER.WEIGHTS", "/nonexistent/teacher.pth"]
+    )
     assert rc == 2 and "does not exist" in capsys.readouterr().err
 
 
 def test_visualize_significance_writes_pngs(runs):
     tool = _load("visualize_significance", os.path.join(REPO, "tools", "visualize_significance.py"))
     out = str(runs["root"] / "vis")
-    rc = tool.main(["--config-file", f"{REPO}/configs/shapes/tid_retinanet.yaml", "--weights",
-                    os.path.join(runs["tid"], "model_final.pth"), "--dataset", f"{PREFIX}_val",
-                    "--num-images", "2", "--levels", "p3", "p4", "--output", out] + runs["tid_opts"])
+    rc = tool.main(
+        [
+            "--config-file",
+            f"{REPO}/configs/shapes/tid_retinanet.yaml",
+            "--weights",
+            os.path.join(runs["tid"], "model_final.pth"),
+            "--dataset",
+            f"{PREFIX}_val",
+            "--num-images",
+            "2",
+            "--levels",
+            "p3",
+            "p4",
+            "--output",
+            out,
+        ]
+        + runs["tid_opts"]
+    )
     assert rc == 0
     pngs = sorted(glob.glob(os.path.join(out, "*.png")))
     assert len(pngs) == 2
@@ -171,12 +276,17 @@ def test_visualize_significance_writes_pngs(runs):
 def test_plot_training_overlays_runs(runs):
     tool = _load("plot_training", os.path.join(REPO, "tools", "plot_training.py"))
     out = str(runs["root"] / "curves.png")
-    assert tool.main([runs["tid"], runs["teacher"], "--labels", "tid", "teacher", "--output", out]) == 0
+    assert (
+        tool.main([runs["tid"], runs["teacher"], "--labels", "tid", "teacher", "--output", out])
+        == 0
+    )
     assert Image.open(out).size == (990, 630)
     assert tool.main([str(runs["root"] / "nothing"), "--output", out]) == 2
 
 
-@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "configs", "**", "*.yaml"), recursive=True)))
+@pytest.mark.parametrize(
+    "path", sorted(glob.glob(os.path.join(REPO, "configs", "**", "*.yaml"), recursive=True))
+)
 def test_every_shipped_config_loads(path):
     from tid_d2.config import get_cfg
 
@@ -193,7 +303,11 @@ def test_every_shipped_config_loads(path):
 
 @pytest.mark.parametrize(
     "path",
-    [p for p in sorted(glob.glob(os.path.join(REPO, "configs", "shapes", "*_*.yaml"))) if "tid_" not in os.path.basename(p)],
+    [
+        p
+        for p in sorted(glob.glob(os.path.join(REPO, "configs", "shapes", "*_*.yaml")))
+        if "tid_" not in os.path.basename(p)
+    ],
 )
 def test_shapes_detector_configs_build(path):
     from detectron2.modeling import build_model

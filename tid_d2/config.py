@@ -5,6 +5,7 @@
 yaml-configurable FCOS meta-architecture and ``MODEL.MOBILENET`` for the MobileNetV2 backbone.
 Symbols in comments (kappa, delta, alpha, lambda, t_pos, ...) are those of docs/method.md.
 """
+
 import os
 
 import yaml

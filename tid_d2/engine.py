@@ -1,5 +1,6 @@
 """Training and evaluation plumbing: the Trainer used by ``train_net.py``, a crash-safe checkpointer
 that refuses untrusted pickles, DDP that also works on the CPU, and the teacher check."""
+
 import glob
 import itertools
 import logging
@@ -162,7 +163,9 @@ class Trainer(DefaultTrainer):
                 cfg.DATASETS.TRAIN,
                 filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
                 min_keypoints=0,
-                proposal_files=cfg.DATASETS.PROPOSAL_FILES_TRAIN if cfg.MODEL.LOAD_PROPOSALS else None,
+                proposal_files=(
+                    cfg.DATASETS.PROPOSAL_FILES_TRAIN if cfg.MODEL.LOAD_PROPOSALS else None
+                ),
             )
             self._sampler = ResumableTrainingSampler(len(dataset))
             data_loader = build_detection_train_loader(cfg, dataset=dataset, sampler=self._sampler)
@@ -207,7 +210,9 @@ class Trainer(DefaultTrainer):
     def resume_or_load(self, resume=True):
         super().resume_or_load(resume=resume)
         if self._sampler is not None:  # continue the data stream where the checkpoint left it
-            self._sampler.skip = self.start_iter * (self.cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size())
+            self._sampler.skip = self.start_iter * (
+                self.cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size()
+            )
 
     def build_hooks(self):
         ret = super().build_hooks()
@@ -269,11 +274,18 @@ def evaluate_teacher(cfg, teacher: torch.nn.Module, teacher_cfg) -> Dict:
         results = {cfg.DATASETS.TEST[0]: results}
     for name, res in results.items():
         if comm.is_main_process() and "bbox" in res:
-            logger.info("Teacher on %s: bbox AP %.2f (AP50 %.2f)", name, res["bbox"]["AP"], res["bbox"]["AP50"])
+            logger.info(
+                "Teacher on %s: bbox AP %.2f (AP50 %.2f)",
+                name,
+                res["bbox"]["AP"],
+                res["bbox"]["AP50"],
+            )
     return results
 
 
-def build_student_for_eval(cfg, weights: Optional[str] = None, resume: bool = False, output_dir=None):
+def build_student_for_eval(
+    cfg, weights: Optional[str] = None, resume: bool = False, output_dir=None
+):
     """The student of ``cfg`` as a plain detectron2 model (no teacher), with its weights loaded.
 
     For a TID config this is the student's own meta-architecture: the TID checkpoint loads into
@@ -285,4 +297,3 @@ def build_student_for_eval(cfg, weights: Optional[str] = None, resume: bool = Fa
         model, output_dir or cfg.OUTPUT_DIR, allow_pickle=cfg.TID.ALLOW_PICKLE_WEIGHTS
     ).resume_or_load(weights if weights is not None else cfg.MODEL.WEIGHTS, resume=resume)
     return model, scfg
-

@@ -1,5 +1,6 @@
 """Running ``train_net.py`` as a subprocess and reading its results: shared by the demo and the
 benchmark, so every variant is trained and evaluated through the same command a user runs."""
+
 import json
 import os
 import re
@@ -58,7 +59,10 @@ def train_net(
             tail = (tail + [line])[-40:]
             m = _PROGRESS.search(line)
             if m and not quiet:
-                print(f"  [{label}] iter {int(m.group(2)) + 1}  loss {m.group(3)}  eta {m.group(1)}", flush=True)
+                print(
+                    f"  [{label}] iter {int(m.group(2)) + 1}  loss {m.group(3)}  eta {m.group(1)}",
+                    flush=True,
+                )
         proc.wait()
     if proc.returncode != 0:
         raise RuntimeError(

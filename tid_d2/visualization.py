@@ -3,6 +3,7 @@
 Used by the distiller (event-storage images every ``VIS_PERIOD`` iterations, shown by TensorBoard)
 and by ``tools/visualize_significance.py``.
 """
+
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import cv2
@@ -47,7 +48,9 @@ def region_overlay(
 ) -> np.ndarray:
     """Blend region colours over ``image`` (H, W, 3). ``regions``: [(name, (h, w) bool mask)]."""
     hw = image.shape[:2]
-    masks = {name: _resize(m.detach().cpu().numpy().astype(np.uint8), hw) > 0 for name, m in regions}
+    masks = {
+        name: _resize(m.detach().cpu().numpy().astype(np.uint8), hw) > 0 for name, m in regions
+    }
     color = np.zeros_like(image)
     painted = np.zeros(hw, dtype=bool)
     order: List[Tuple[str, np.ndarray]] = []

@@ -6,6 +6,7 @@
 
 Exit status 0 when the teacher loads and evaluates; 2 with a message when it cannot be loaded.
 """
+
 import argparse
 import os
 import sys
@@ -14,7 +15,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--config-file", required=True, help="a TID config (TID.TEACHER.* set)")
     p.add_argument("--dataset", default=None, help="registered dataset (default: DATASETS.TEST)")
     p.add_argument("--output", default=None, help="folder for the evaluation files")
@@ -51,7 +54,9 @@ def main(argv=None):
     results = evaluate_teacher(cfg, teacher, tcfg)
     for name, res in results.items():
         bbox = res["bbox"]
-        print(f"teacher on {name}: AP {bbox['AP']:.2f}  AP50 {bbox['AP50']:.2f}  AP75 {bbox['AP75']:.2f}")
+        print(
+            f"teacher on {name}: AP {bbox['AP']:.2f}  AP50 {bbox['AP50']:.2f}  AP75 {bbox['AP75']:.2f}"
+        )
     return 0
 
 

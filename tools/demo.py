@@ -10,6 +10,7 @@
 
     python tools/demo.py [--family retinanet] [--iters 1000] [--output output/demo]
 """
+
 import argparse
 import json
 import os
@@ -24,7 +25,9 @@ TEST = "tid_shapes_test"
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--family", default="retinanet", choices=["retinanet", "fcos", "rcnn"])
     parser.add_argument("--iters", type=int, default=1000, help="iterations of each training run")
     parser.add_argument("--output", default=os.path.join(REPO_ROOT, "output", "demo"))
@@ -46,20 +49,34 @@ def main(argv=None):
     rows = []
 
     if args.retrain_teacher or not os.path.isfile(teacher_weights):
-        print(f"[demo] 1/3 training the teacher ({fam}, MobileNetV2-FPN128, ImageNet init)", flush=True)
-        secs = train_net(os.path.join(cfg_dir, f"{fam}_mnv2_teacher.yaml"), teacher_dir, schedule, label="teacher")
+        print(
+            f"[demo] 1/3 training the teacher ({fam}, MobileNetV2-FPN128, ImageNet init)",
+            flush=True,
+        )
+        secs = train_net(
+            os.path.join(cfg_dir, f"{fam}_mnv2_teacher.yaml"),
+            teacher_dir,
+            schedule,
+            label="teacher",
+        )
     else:
         print(f"[demo] 1/3 reusing the cached teacher {teacher_weights}", flush=True)
         secs = 0.0
-    rows.append({"model": "teacher (MobileNetV2-FPN128)", **final_ap(teacher_dir), "train min": secs / 60})
+    rows.append(
+        {"model": "teacher (MobileNetV2-FPN128)", **final_ap(teacher_dir), "train min": secs / 60}
+    )
 
     tid_cfg = os.path.join(cfg_dir, f"tid_{fam}.yaml")
     teacher_opts = ["TID.TEACHER.WEIGHTS", teacher_weights]
-    for step, (mode, name) in enumerate([("none", "student alone (R18-FPN64)"), ("tid", "TID student (R18-FPN64)")], 2):
+    for step, (mode, name) in enumerate(
+        [("none", "student alone (R18-FPN64)"), ("tid", "TID student (R18-FPN64)")], 2
+    ):
         out = os.path.join(args.output, f"{fam}_student_{mode}")
         print(f"[demo] {step}/3 training the {name}", flush=True)
         extra = ["TID.TEACHER.EVAL_BEFORE_TRAIN", "True"] if mode == "tid" else []
-        secs = train_net(tid_cfg, out, schedule + teacher_opts + ["TID.MODE", mode] + extra, label=mode)
+        secs = train_net(
+            tid_cfg, out, schedule + teacher_opts + ["TID.MODE", mode] + extra, label=mode
+        )
         rows.append({"model": name, **final_ap(out), "train min": secs / 60})
 
     table = format_table(rows, ["model", "AP", "AP50", "AP75", "APs", "APm", "APl", "train min"])

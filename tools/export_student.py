@@ -10,6 +10,7 @@ a ResNet RetinaNet / Faster R-CNN student loads with plain ``detectron2.config.g
 students that use this project's FCOS or MobileNetV2 need ``import tid_d2`` and
 ``tid_d2.config.get_cfg()``.
 """
+
 import argparse
 import os
 import sys
@@ -95,8 +96,15 @@ def export(config_file: str, weights: str, output: str, image: str = None, opts=
         ref = _predict(student, img, scfg)
     diff = _max_diff(pred, ref)
     if diff > 1e-4:
-        raise RuntimeError(f"exported student predicts differently from the checkpoint (max |diff| {diff})")
-    return {"weights": out_weights, "config": out_cfg, "max_abs_diff": diff, "num_detections": len(pred)}
+        raise RuntimeError(
+            f"exported student predicts differently from the checkpoint (max |diff| {diff})"
+        )
+    return {
+        "weights": out_weights,
+        "config": out_cfg,
+        "max_abs_diff": diff,
+        "num_detections": len(pred),
+    }
 
 
 def _verification_image(image, cfg) -> np.ndarray:
@@ -141,11 +149,15 @@ def _max_diff(a, b) -> float:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--config-file", required=True, help="the TID config of the run")
     p.add_argument("--weights", required=True, help="the TID checkpoint (e.g. model_final.pth)")
     p.add_argument("--output", required=True, help="folder for model_final.pth and config.yaml")
-    p.add_argument("--image", default=None, help="image for the verification (default: a test image)")
+    p.add_argument(
+        "--image", default=None, help="image for the verification (default: a test image)"
+    )
     p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
     args = p.parse_args(argv)
     try:

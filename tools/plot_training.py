@@ -5,6 +5,7 @@ rest shares and evaluation AP. Several runs are overlaid (e.g. TID vs student al
     python tools/plot_training.py output/demo/retinanet_student_tid output/demo/retinanet_student_none \\
         --labels TID "student alone" --output docs/training_curves.png
 """
+
 import argparse
 import os
 import sys
@@ -46,14 +47,18 @@ def plot(run_dirs, labels, output):
         for ax, (title, pred) in zip(axes.ravel(), panels):
             for k, pts in sorted(_series(records, pred).items()):
                 x, y = zip(*pts)
-                ax.plot(x, y, style, marker="o" if len(pts) < 15 else None, label=f"{label}: {k}", lw=1)
+                ax.plot(
+                    x, y, style, marker="o" if len(pts) < 15 else None, label=f"{label}: {k}", lw=1
+                )
             ax.set_title(title, fontsize=10)
             ax.set_xlabel("iteration")
     for ax in axes.ravel():
         if ax.lines:
             ax.legend(fontsize=6)
         else:
-            ax.text(0.5, 0.5, "not in these runs", ha="center", transform=ax.transAxes, color="gray")
+            ax.text(
+                0.5, 0.5, "not in these runs", ha="center", transform=ax.transAxes, color="gray"
+            )
     axes[0, 0].set_yscale("log")
     fig.tight_layout()
     fig.savefig(output, dpi=90)
@@ -62,7 +67,9 @@ def plot(run_dirs, labels, output):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("runs", nargs="+", help="run folders holding metrics.json")
     p.add_argument("--labels", nargs="*", default=None)
     p.add_argument("--output", default="training_curves.png")

@@ -9,6 +9,7 @@ student's significance, and the key / weak / rest regions, one PNG per image.
 
 Images given as files have no GT boxes: every location is then scored as background.
 """
+
 import argparse
 import os
 import sys
@@ -55,7 +56,9 @@ def figure(inp, maps, levels, input_format, out_path, title):
     boxes = inp["instances"].gt_boxes.tensor.numpy() if "instances" in inp else np.zeros((0, 4))
     has_sig = maps["sig_teacher"] is not None
     cols = 4 if has_sig else 2
-    fig, axes = plt.subplots(len(levels), cols, figsize=(2.4 * cols, 2.4 * len(levels)), squeeze=False)
+    fig, axes = plt.subplots(
+        len(levels), cols, figsize=(2.4 * cols, 2.4 * len(levels)), squeeze=False
+    )
     extent = (0, img.shape[1], img.shape[0], 0)
     names = set()
     for r, level in enumerate(levels):
@@ -66,7 +69,14 @@ def figure(inp, maps, levels, input_format, out_path, title):
         if has_sig:
             for who in ("teacher", "student"):
                 sig = maps[f"sig_{who}"][level][0].cpu().numpy()
-                im = ax[c].imshow(sig, vmin=0, vmax=SIG_MAX, cmap="viridis", extent=extent, interpolation="nearest")
+                im = ax[c].imshow(
+                    sig,
+                    vmin=0,
+                    vmax=SIG_MAX,
+                    cmap="viridis",
+                    extent=extent,
+                    interpolation="nearest",
+                )
                 c += 1
         regions = [(n, m[0]) for n, m, _ in maps["regions"][level]]
         names.update(n for n, _ in regions)
@@ -78,9 +88,19 @@ def figure(inp, maps, levels, input_format, out_path, title):
     for a, h in zip(axes[0], heads):
         a.set_title(h, fontsize=9)
     if has_sig:
-        fig.colorbar(im, ax=axes.ravel().tolist(), location="right", shrink=0.5, pad=0.02,
-                     label="significance Score_c x Score_r")
-    order = [n for n in ("key", "weak", "key+weak", "rest", "all") if n in names or (n == "key+weak" and {"key", "weak"} <= names)]
+        fig.colorbar(
+            im,
+            ax=axes.ravel().tolist(),
+            location="right",
+            shrink=0.5,
+            pad=0.02,
+            label="significance Score_c x Score_r",
+        )
+    order = [
+        n
+        for n in ("key", "weak", "key+weak", "rest", "all")
+        if n in names or (n == "key+weak" and {"key", "weak"} <= names)
+    ]
     handles = [Patch(color=np.array(REGION_COLORS[n]) / 255.0, label=n) for n in order]
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
     fig.suptitle(title, fontsize=9)
@@ -89,9 +109,15 @@ def figure(inp, maps, levels, input_format, out_path, title):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config-file", required=True, help="the TID config (teacher from TID.TEACHER.*)")
-    p.add_argument("--weights", default=None, help="student / TID checkpoint (default MODEL.WEIGHTS)")
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--config-file", required=True, help="the TID config (teacher from TID.TEACHER.*)"
+    )
+    p.add_argument(
+        "--weights", default=None, help="student / TID checkpoint (default MODEL.WEIGHTS)"
+    )
     p.add_argument("--dataset", default="tid_shapes_val", help="registered dataset to draw from")
     p.add_argument("--images", nargs="*", default=None, help="image files instead of a dataset")
     p.add_argument("--num-images", type=int, default=4)
@@ -111,7 +137,10 @@ def main(argv=None):
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
     if cfg.MODEL.META_ARCHITECTURE != "TIDDistiller":
-        print(f"visualize_significance: error: '{args.config_file}' is not a TID config", file=sys.stderr)
+        print(
+            f"visualize_significance: error: '{args.config_file}' is not a TID config",
+            file=sys.stderr,
+        )
         return 2
     if cfg.TID.MODE == "none":
         cfg.TID.MODE = "tid"
@@ -129,7 +158,14 @@ def main(argv=None):
         maps = model.inspect([inp])
         name = os.path.splitext(os.path.basename(inp.get("file_name", f"image{i}")))[0]
         out = os.path.join(args.output, f"significance_{name}.png")
-        figure(inp, maps, levels, cfg.INPUT.FORMAT, out, f"{os.path.basename(args.config_file)} [{cfg.TID.MODE}] {name}")
+        figure(
+            inp,
+            maps,
+            levels,
+            cfg.INPUT.FORMAT,
+            out,
+            f"{os.path.basename(args.config_file)} [{cfg.TID.MODE}] {name}",
+        )
         written.append(out)
     print("\n".join(written))
     return 0

@@ -5,6 +5,7 @@ Checkpoint layout: ``state_dict()`` holds the student under exactly the keys of 
 model built from the student's config, plus the adapters under ``tid_adapters.``; the teacher is
 not a registered submodule, so it is neither saved, nor optimised, nor wrapped by DDP.
 """
+
 import logging
 from typing import Dict, List, Optional, Tuple
 
@@ -147,7 +148,9 @@ class TIDDistiller(nn.Module):
                 {f: t_shapes[f].channels for f in self.in_features},
                 adapter_mode,
             )
-            self._teacher_flip = self._check_formats(student_cfg.INPUT.FORMAT, teacher_cfg.INPUT.FORMAT)
+            self._teacher_flip = self._check_formats(
+                student_cfg.INPUT.FORMAT, teacher_cfg.INPUT.FORMAT
+            )
             self.tid_adapters.to(self.device)
         self.register_state_dict_post_hook(_strip_student_prefix)
         self.register_load_state_dict_pre_hook(_add_student_prefix)
@@ -311,7 +314,9 @@ class TIDDistiller(nn.Module):
         losses = {}
         world = comm.get_world_size()
         for level in self.in_features:
-            adapted = normalize_features(self.tid_adapters(level, s_feats[level]), self.feature_norm)
+            adapted = normalize_features(
+                self.tid_adapters(level, s_feats[level]), self.feature_norm
+            )
             target = normalize_features(maps["teacher_features"][level], self.feature_norm)
             regions = maps["regions"][level]
             loss = region_imitation_loss(adapted, target, regions, region_counts(regions, world))
@@ -391,9 +396,14 @@ class TIDDistiller(nn.Module):
         if self.mode == "gt_mask":
             boxes = torch.cat([g.gt_boxes.tensor for g in gt])
             batch_idx = torch.cat(
-                [torch.full((len(g),), i, dtype=torch.long, device=self.device) for i, g in enumerate(gt)]
+                [
+                    torch.full((len(g),), i, dtype=torch.long, device=self.device)
+                    for i, g in enumerate(gt)
+                ]
             )
-            inside = paint_boxes(boxes, torch.ones(len(boxes), device=self.device), batch_idx, valid.shape, stride)
+            inside = paint_boxes(
+                boxes, torch.ones(len(boxes), device=self.device), batch_idx, valid.shape, stride
+            )
             return gt_mask_regions(inside > 0, valid, self.region_params)
         return ldam_regions(
             sig_t[level], sig_s[level], valid, self.region_params, use_weak=self.mode != "no_ldam"
@@ -461,7 +471,9 @@ def _strip_student_prefix(module, state_dict, prefix, local_metadata):
             meta[prefix + key[len(prefix) + len(_STUDENT) :]] = meta.pop(key)
 
 
-def _add_student_prefix(module, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
+def _add_student_prefix(
+    module, state_dict, prefix, local_metadata, strict, missing, unexpected, errors
+):
     """load_state_dict pre-hook: plain student keys (and old ``student.`` keys) both load."""
     for key in [k for k in state_dict if k.startswith(prefix)]:
         rest = key[len(prefix) :]

@@ -5,6 +5,7 @@
 Each region is normalised by its own location count over the whole batch, so the loss does not
 change when the same images are repeated in a batch, nor with the number of objects per image.
 """
+
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -19,7 +20,9 @@ class FeatureAdapters(nn.Module):
     Held in an ``nn.ModuleDict`` so the adapters are trained, saved and moved with the model.
     """
 
-    def __init__(self, student_channels: Dict[str, int], teacher_channels: Dict[str, int], mode="auto"):
+    def __init__(
+        self, student_channels: Dict[str, int], teacher_channels: Dict[str, int], mode="auto"
+    ):
         super().__init__()
         if mode not in ("auto", "conv"):
             raise ValueError(f"TID.ADAPTER must be 'auto' or 'conv', got {mode!r}")
@@ -49,7 +52,9 @@ def normalize_features(x: torch.Tensor, mode: str) -> torch.Tensor:
     return (x - mean) / (std + 1e-6)
 
 
-def region_counts(regions: List[Tuple[str, torch.Tensor, float]], world_size: int = 1) -> torch.Tensor:
+def region_counts(
+    regions: List[Tuple[str, torch.Tensor, float]], world_size: int = 1
+) -> torch.Tensor:
     """|r| of every region, as the normaliser of this process's loss.
 
     With ``world_size`` > 1 the counts are summed over all processes and divided by the world

@@ -14,6 +14,7 @@ Supporting a new detector family = one subclass of :class:`DetectorProbe` that
 and registers itself with ``@PROBE_REGISTRY.register()`` under the meta-architecture's class
 name. Subclasses of a registered meta-architecture find their parent's probe.
 """
+
 import math
 from typing import Dict, List, Optional, Tuple
 
@@ -337,7 +338,9 @@ class GeneralizedRCNNProbe(DetectorProbe):
         params = sig_params_for(
             cfg,
             self.tid_cfg,
-            _two_thresholds(cfg.MODEL.ROI_HEADS.IOU_THRESHOLDS, self.tid_cfg.TID.SIG.SINGLE_THRESHOLD_NEG),
+            _two_thresholds(
+                cfg.MODEL.ROI_HEADS.IOU_THRESHOLDS, self.tid_cfg.TID.SIG.SINGLE_THRESHOLD_NEG
+            ),
         )
         sig = significance(torch.cat(iou), probs, torch.cat(cls), params, "softmax")
         pooler = roi.box_pooler
@@ -349,7 +352,10 @@ class GeneralizedRCNNProbe(DetectorProbe):
             pooler.canonical_level,
         )
         batch_idx = torch.cat(
-            [torch.full((c,), i, dtype=torch.long, device=proposals.device) for i, c in enumerate(counts)]
+            [
+                torch.full((c,), i, dtype=torch.long, device=proposals.device)
+                for i, c in enumerate(counts)
+            ]
         )
         feats = self.features
         out = {}

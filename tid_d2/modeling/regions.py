@@ -5,14 +5,19 @@ Every function returns a list of (mask, weight) pairs. Masks are (N, H, W) bool 
 level; they may overlap (a location can be key *and* weak). The imitation loss normalises each
 region by its own location count.
 """
+
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import List, Tuple
 
 import torch
 
-__all__ = ["RegionParams", "REGION_NAMES", "ldam_regions", "uniform_regions", "gt_mask_regions"]
-
-REGION_NAMES = ("key", "weak", "rest")
+__all__ = [
+    "RegionParams",
+    "ldam_regions",
+    "uniform_regions",
+    "gt_mask_regions",
+    "valid_mask",
+]
 
 
 @dataclass(frozen=True)
@@ -96,12 +101,6 @@ def valid_mask(
     sizes = torch.as_tensor(image_sizes, dtype=torch.float32, device=device).view(-1, 2)
     ys = torch.arange(h, device=device, dtype=torch.float32) * stride
     xs = torch.arange(w, device=device, dtype=torch.float32) * stride
-    return (ys[None, :, None] < sizes[:, 0, None, None]) & (xs[None, None, :] < sizes[:, 1, None, None])
-
-
-def region_shares(
-    regions: List[Tuple[str, torch.Tensor, float]], valid: torch.Tensor
-) -> Optional[dict]:
-    """Share of valid locations in each named region (for logging)."""
-    total = valid.sum().clamp(min=1).float()
-    return {name: (mask.sum().float() / total) for name, mask, _ in regions}
+    return (ys[None, :, None] < sizes[:, 0, None, None]) & (
+        xs[None, None, :] < sizes[:, 1, None, None]
+    )

@@ -10,6 +10,7 @@ into predicted boxes and class probabilities, and the functions here score them:
 Everything runs under ``torch.no_grad()`` and in fp32, whatever dtype the inputs have, so it is
 safe under AMP.
 """
+
 from dataclasses import dataclass
 from typing import List, Sequence, Tuple
 

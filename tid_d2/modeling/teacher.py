@@ -1,4 +1,5 @@
 """Building the frozen teacher: its own config, strictly loaded weights, eval mode, no gradients."""
+
 import logging
 import os
 import pickle
@@ -126,7 +127,8 @@ def load_weights_strict(
         if mismatched:
             parts.append(f"{len(mismatched)} shape mismatches ({show(mismatched)})")
         raise ValueError(
-            f"{what} '{path}' do not fit the model built from its config: " + "; ".join(parts)
+            f"{what} '{path}' do not fit the model built from its config: "
+            + "; ".join(parts)
             + ". Is the config the one these weights were trained with (same architecture, "
             "widths and number of classes)?"
         )
@@ -155,5 +157,9 @@ def build_teacher(cfg) -> Tuple[torch.nn.Module, object]:
     load_weights_strict(teacher, cfg.TID.TEACHER.WEIGHTS, cfg.TID.ALLOW_PICKLE_WEIGHTS)
     teacher.eval()
     teacher.requires_grad_(False)
-    logger.info("Teacher loaded strictly from %s (%s)", cfg.TID.TEACHER.WEIGHTS, tcfg.MODEL.META_ARCHITECTURE)
+    logger.info(
+        "Teacher loaded strictly from %s (%s)",
+        cfg.TID.TEACHER.WEIGHTS,
+        tcfg.MODEL.META_ARCHITECTURE,
+    )
     return teacher, tcfg
