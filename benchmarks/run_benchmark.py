@@ -149,6 +149,8 @@ def plots(records, fam, out_dir):
     fig.savefig(ap_png, dpi=90)
     plt.close(fig)
 
+    if not any(len(r["val_curve"]) > 1 for r in records):
+        return ap_png, None  # no periodic evaluation in these runs (--eval-period 0)
     fig, ax = plt.subplots(figsize=(7, 3.5))
     for mode in modes:
         for r in records:
