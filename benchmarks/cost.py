@@ -14,14 +14,19 @@ writes benchmarks/results/<family>_cost.md and <family>_cost.json.
 import argparse
 import json
 import os
-import resource
 import statistics
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tid_d2.runs import REPO_ROOT, format_table, run_child, write_results  # noqa: E402
+from tid_d2.runs import (
+    REPO_ROOT,
+    format_table,
+    peak_memory_mb,
+    run_child,
+    write_results,
+)  # noqa: E402
 
 MODES = ["none", "fitnet", "gt_mask", "cls_only", "reg_only", "no_ldam", "tid"]
 
@@ -35,14 +40,6 @@ def _batch(cfg, n):
     mapper = DatasetMapper(cfg, is_train=True)
     mapper.augmentations.augs = mapper.augmentations.augs[:1]  # resize only: identical batches
     return [mapper(d) for d in DatasetCatalog.get("tid_shapes_train")[:n]]
-
-
-def _peak_mb(device):
-    if device.type == "cuda":
-        import torch
-
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def measure(family, what, steps, batch, teacher_weights, threads):
@@ -98,7 +95,7 @@ def measure(family, what, steps, batch, teacher_weights, threads):
             {
                 "what": what,
                 "sec_per_iter": statistics.median(times),
-                "peak_mem_mb": _peak_mb(device),
+                "peak_mem_mb": peak_memory_mb(device),
             }
         )
     )

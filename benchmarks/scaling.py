@@ -15,25 +15,22 @@ writes benchmarks/results/<family>_scaling.md / .json.
 import argparse
 import json
 import os
-import resource
 import statistics
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tid_d2.runs import REPO_ROOT, format_table, run_child, write_results  # noqa: E402
+from tid_d2.runs import (
+    REPO_ROOT,
+    format_table,
+    peak_memory_mb,
+    run_child,
+    write_results,
+)  # noqa: E402
 
 GT_COUNTS = [1, 10, 100, 1000]
 AREA_SCALES = [1, 2, 4]
-
-
-def _peak(device):
-    import torch
-
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def measure(family, num_gt, area_scale, repeats, base_size, batch):
@@ -78,10 +75,10 @@ def measure(family, num_gt, area_scale, repeats, base_size, batch):
         model.student(data)  # student forward: hooks capture, not timed
         s_feats = model.student_probe.features
         _ = model._maps(data)  # warm-up (teacher forward included)
-        base = _peak(device)
+        base = peak_memory_mb(device)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-            base = _peak(device)
+            base = peak_memory_mb(device)
         for _ in range(repeats):
             model.teacher_probe.run(  # the teacher forward is not part of the measured cost
                 model._teacher_images(
@@ -102,7 +99,7 @@ def measure(family, num_gt, area_scale, repeats, base_size, batch):
             if device.type == "cuda":
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - t)
-        extra = _peak(device) - base
+        extra = peak_memory_mb(device) - base
     print(
         json.dumps(
             {

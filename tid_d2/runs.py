@@ -17,6 +17,7 @@ __all__ = [
     "ap_curve",
     "format_table",
     "run_child",
+    "peak_memory_mb",
     "write_results",
 ]
 
@@ -135,3 +136,15 @@ def write_results(results_dir: str, stem: str, markdown: str, data) -> None:
     with open(os.path.join(results_dir, f"{stem}.json"), "w") as f:
         json.dump(data, f, indent=1)
     print(markdown)
+
+
+def peak_memory_mb(device) -> float:
+    """Peak memory so far: ``torch.cuda.max_memory_allocated`` on a GPU, else the process's peak
+    resident set (``ru_maxrss``, which includes the framework's own footprint)."""
+    import resource
+
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
