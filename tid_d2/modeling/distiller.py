@@ -312,14 +312,16 @@ class TIDDistiller(nn.Module):
         maps = self._maps(batched_inputs)
         lam = self.lambda_now(iteration)
         losses = {}
-        world = comm.get_world_size()
-        for level in self.in_features:
+        # every level's region counts in one tensor: one all-reduce per step under DDP
+        per_level = [maps["regions"][level] for level in self.in_features]
+        counts = region_counts([r for regs in per_level for r in regs], comm.get_world_size())
+        counts = counts.split([len(regs) for regs in per_level])
+        for level, regions, count in zip(self.in_features, per_level, counts):
             adapted = normalize_features(
                 self.tid_adapters(level, s_feats[level]), self.feature_norm
             )
             target = normalize_features(maps["teacher_features"][level], self.feature_norm)
-            regions = maps["regions"][level]
-            loss = region_imitation_loss(adapted, target, regions, region_counts(regions, world))
+            loss = region_imitation_loss(adapted, target, regions, count)
             losses[f"loss_tid_{level}"] = lam * loss
         if storage is not None:
             self._log(storage, maps, lam, batched_inputs)
