@@ -34,7 +34,7 @@ Significance probes, keyed by the name of the meta-architecture class they suppo
 """
 
 
-def sig_params_for(model_cfg, tid_cfg, iou_thresholds: Tuple[float, float]) -> SigParams:
+def sig_params_for(tid_cfg, iou_thresholds: Tuple[float, float]) -> SigParams:
     """SigParams of one model: its own IoU thresholds unless TID.SIG.IOU_THRESHOLDS overrides."""
     sig = tid_cfg.TID.SIG
     if len(sig.IOU_THRESHOLDS) > 0:
@@ -207,7 +207,7 @@ class RetinaNetProbe(DetectorProbe):
     @torch.no_grad()
     def significance(self, gt_instances, image_sizes):
         head_out = self.captured["head"]
-        params = sig_params_for(self.model_cfg, self.tid_cfg, self.default_iou_thresholds())
+        params = sig_params_for(self.tid_cfg, self.default_iou_thresholds())
         return _dense_significance(
             self.head_levels,
             self.features,
@@ -293,7 +293,7 @@ class GeneralizedRCNNProbe(DetectorProbe):
         rpn = self.model.proposal_generator
         logits, deltas = self.captured["rpn"]
         rpn_params = sig_params_for(
-            cfg, self.tid_cfg, _two_thresholds(cfg.MODEL.RPN.IOU_THRESHOLDS, 0.0)
+            self.tid_cfg, _two_thresholds(cfg.MODEL.RPN.IOU_THRESHOLDS, 0.0)
         )
         probs = [permute_to_N_HWA_K(x.float(), 1).sigmoid() for x in logits]
         out = _dense_significance(
@@ -336,7 +336,6 @@ class GeneralizedRCNNProbe(DetectorProbe):
         gt_boxes, gt_classes = _gt_lists(gt_instances)
         iou, cls = match_to_gt(list(boxes.split(counts)), gt_boxes, gt_classes)
         params = sig_params_for(
-            cfg,
             self.tid_cfg,
             _two_thresholds(
                 cfg.MODEL.ROI_HEADS.IOU_THRESHOLDS, self.tid_cfg.TID.SIG.SINGLE_THRESHOLD_NEG
