@@ -71,6 +71,30 @@ def test_match_to_gt_blocks_equal_unblocked(monkeypatch):
     assert torch.equal(full[1][0], blocked[1][0])
 
 
+def test_match_to_gt_batch_path_equals_per_image_path(monkeypatch):
+    """The one-matrix path for a whole batch (pairs across images masked) gives what the
+    per-image blocked path gives, including an image without GT and exact IoU ties."""
+    import tid_d2.modeling.significance as sig_mod
+
+    g = torch.Generator().manual_seed(1)
+
+    def rand_boxes(k):
+        xy = torch.rand(k, 2, generator=g) * 80
+        return torch.cat([xy, xy + 4 + torch.rand(k, 2, generator=g) * 30], 1)
+
+    preds = [rand_boxes(40), rand_boxes(25), rand_boxes(30)]
+    gts = [rand_boxes(3), torch.zeros(0, 4), rand_boxes(5)]
+    gts[2][1] = gts[2][0]  # two identical GT: the first one wins, on both paths
+    cls = [torch.randint(0, 6, (len(b),), generator=g) for b in gts]
+    cls[2][1] = 5 if int(cls[2][0]) != 5 else 4
+    fast = match_to_gt(preds, gts, cls)
+    monkeypatch.setattr(sig_mod, "_IOU_BLOCK", 64)  # too small for the batch: per image, blocks
+    slow = match_to_gt(preds, gts, cls)
+    for a, b in zip(fast[0] + fast[1], slow[0] + slow[1]):
+        assert torch.equal(a, b)
+    assert fast[0][1].tolist() == [0.0] * 25 and fast[1][1].tolist() == [-1] * 25
+
+
 def test_classification_quality_sigmoid_and_softmax():
     probs = torch.tensor([[0.9, 0.05, 0.3], [0.1, 0.2, 0.6]])
     cls = torch.tensor([0, 2])

@@ -159,17 +159,18 @@ def _dense_significance(
     gt_boxes, gt_classes = _gt_lists(gt_instances)
     if class_agnostic:
         gt_classes = [torch.zeros_like(c) for c in gt_classes]
+    # all levels at once: one GT matching and one scoring per batch, split back per level
+    d = torch.cat([permute_to_N_HWA_K(x.float(), 4) for x in box_deltas], dim=1)  # (N, M, 4)
+    n, m = d.shape[:2]
+    anc = torch.cat([a.tensor.float() for a in anchors])  # (M, 4)
+    boxes = box2box_transform.apply_deltas(d.reshape(-1, 4), anc.repeat(n, 1)).view(n, m, 4)
+    iou, cls = match_to_gt(list(boxes.unbind(0)), gt_boxes, gt_classes)
+    prob = torch.cat([p.float() for p in probs], dim=1)
+    sig = significance(torch.stack(iou), prob, torch.stack(cls), params, "sigmoid")
     out = {}
-    for level, anc, deltas, prob in zip(levels, anchors, box_deltas, probs):
-        n, _, h, w = features[level].shape
-        d = permute_to_N_HWA_K(deltas.float(), 4)  # (N, HWA, 4)
-        m = d.shape[1]
-        boxes = box2box_transform.apply_deltas(
-            d.reshape(-1, 4), anc.tensor.float().repeat(n, 1)
-        ).view(n, m, 4)
-        iou, cls = match_to_gt(list(boxes.unbind(0)), gt_boxes, gt_classes)
-        sig = significance(torch.stack(iou), prob, torch.stack(cls), params, "sigmoid")
-        out[level] = sig.view(n, h, w, -1).amax(dim=-1)
+    for level, sig_level in zip(levels, sig.split([len(a) for a in anchors], dim=1)):
+        _, _, h, w = features[level].shape
+        out[level] = sig_level.reshape(n, h, w, -1).amax(dim=-1)
     return out
 
 

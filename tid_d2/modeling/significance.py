@@ -82,8 +82,10 @@ def match_to_gt(
 ) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
     """Best-overlapping GT of every predicted box, image by image (as detectron2's matchers are).
 
-    The IoU matrix is built in blocks of at most ``_IOU_BLOCK`` elements, so an image with
-    thousands of GT boxes needs a bounded amount of memory.
+    When the whole batch fits in one block of at most ``_IOU_BLOCK`` elements (the usual case),
+    one IoU matrix covers all images, pairs across images masked out; otherwise the IoU matrix is
+    built image by image in blocks of that size, so an image with thousands of GT boxes needs a
+    bounded amount of memory. Both paths give identical results.
 
     Args:
         pred_boxes: per image, (M_i, 4) XYXY boxes.
@@ -93,6 +95,10 @@ def match_to_gt(
         iou_max: per image, (M_i,) fp32, 0 where the image has no GT.
         matched_class: per image, (M_i,) int64 class of the best GT, -1 where the image has no GT.
     """
+    total_m = sum(int(b.shape[0]) for b in pred_boxes)
+    total_g = sum(int(g.shape[0]) for g in gt_boxes)
+    if 0 < total_m * total_g <= _IOU_BLOCK:
+        return _match_batch_at_once(pred_boxes, gt_boxes, gt_classes)
     ious, classes = [], []
     for boxes, gts, cls in zip(pred_boxes, gt_boxes, gt_classes):
         boxes = boxes.float()
@@ -121,6 +127,26 @@ def match_to_gt(
         ious.append(best)
         classes.append(best_cls)
     return ious, classes
+
+
+def _match_batch_at_once(pred_boxes, gt_boxes, gt_classes):
+    """:func:`match_to_gt` with a single (sum M_i, sum G_i) IoU matrix for the whole batch."""
+    device = pred_boxes[0].device
+    boxes = torch.cat([b.float() for b in pred_boxes])
+    gts = torch.cat([g.float().to(device) for g in gt_boxes])
+    cls = torch.cat([c.to(device) for c in gt_classes])
+    image = torch.arange(len(pred_boxes), device=device)
+    img_p = image.repeat_interleave(torch.tensor([len(b) for b in pred_boxes], device=device))
+    img_g = image.repeat_interleave(torch.tensor([len(g) for g in gt_boxes], device=device))
+    # zero-area boxes give 0/0: no overlap; pairs of different images: -1, below any real IoU
+    iou = box_iou(boxes, gts).nan_to_num_(0.0)
+    iou.masked_fill_(img_p[:, None] != img_g[None, :], -1.0)
+    best, idx = iou.max(dim=1)
+    has_gt = best >= 0  # an image without GT has only masked (-1) columns
+    best = best.clamp(min=0)
+    best_cls = torch.where(has_gt, cls[idx], torch.full_like(idx, -1))
+    counts = [len(b) for b in pred_boxes]
+    return list(best.split(counts)), list(best_cls.split(counts))
 
 
 @torch.no_grad()
