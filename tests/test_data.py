@@ -41,7 +41,9 @@ def small(tmp_path_factory):
 # ----------------------------------------------------------------------------------- tid_shapes
 def test_layout_and_spec(small):
     spec, paths = small
-    assert os.path.basename(spec.dir) == "tid_shapes_s3_n40-20-20_96"
+    assert os.path.basename(spec.dir) == "tid_shapes_s3_n40-20-20_96_standard"
+    # "hard" keeps the name of the first generator, whose images it reproduces
+    assert ShapesSpec(difficulty="hard", **SMALL).name == "tid_shapes_s3_n40-20-20_96"
     assert set(paths) == set(SPLITS)
     for split in SPLITS:
         json_path, image_root = paths[split]
@@ -49,6 +51,20 @@ def test_layout_and_spec(small):
         assert image_root == os.path.join(spec.dir, "images", split)
     with pytest.raises(ValueError):
         ShapesSpec(sizes=(3, 20, 20))  # too few images to hold every class
+    with pytest.raises(ValueError, match="difficulty"):
+        ShapesSpec(difficulty="extreme")
+
+
+def test_difficulty_sets_clutter():
+    """standard draws at most 4 objects per image; hard up to 8 and more of them on average."""
+    counts = {}
+    for level in ("standard", "hard"):
+        n = [len(shapes_mod.render_image(5, 0, i, 96, level)[1]) for i in range(60)]
+        counts[level] = n
+        assert min(n) >= 1
+    assert max(counts["standard"]) <= 4
+    assert max(counts["hard"]) > 4
+    assert np.mean(counts["hard"]) > np.mean(counts["standard"]) + 1
 
 
 def test_deterministic_serial_vs_parallel(small, tmp_path):
@@ -165,6 +181,8 @@ def test_cli_and_preview(tmp_path):
     preview = tmp_path / "preview.png"
     argv = ["--seed", "5", "--sizes", "6", "6", "6", "--image-size", "64", "--root", str(tmp_path)]
     assert shapes_mod.main(argv + ["--preview", str(preview), "--workers", "0"]) == 0
+    assert os.path.isfile(tmp_path / "tid_shapes_s5_n6-6-6_64_standard" / "test.json")
+    assert shapes_mod.main(argv + ["--difficulty", "hard"]) == 0
     assert os.path.isfile(tmp_path / "tid_shapes_s5_n6-6-6_64" / "test.json")
     grid = cv2.imread(str(preview))
     assert grid is not None and grid.shape[0] > 64 and grid.shape[1] > grid.shape[0]

@@ -5,13 +5,16 @@ random rotation, a mild aspect jitter and, for most classes, either filled or as
 textured and cluttered backgrounds (smooth colour noise, gradients, stripes, lines) together with
 unlabeled distractors (irregular blobs, arcs, irregular polygons, lines), followed by a mild
 per-image blur and Gaussian noise. Objects are 8 to 100 pixels across, a good share of them small
-in COCO terms, 1 to 8 per image, and may occlude one another.
+in COCO terms, and may occlude one another. Two levels of clutter (``ShapesSpec.difficulty``):
+``standard`` (default: 1 to 4 objects per image, light clutter and noise) and ``hard`` (1 to 8
+objects, twice the outlines, more distractors, stronger blur and noise: the first version of the
+dataset, reproduced image for image).
 
 The dataset is written in COCO format (one JSON file per split, JPEG images of quality 95) into a
 cache folder named from its parameters, under ``$TID_D2_DATASETS`` or else
 ``$DETECTRON2_DATASETS`` (default ``datasets``)::
 
-    tid_shapes_s0_n1500-300-300_160/
+    tid_shapes_s0_n1500-300-300_160_standard/
         train.json  val.json  test.json
         images/train/000000.jpg ...
 
@@ -24,7 +27,7 @@ interrupted generation is redone, and two processes generating at once are harml
 Command line::
 
     python -m tid_d2.data.shapes --seed 0 --sizes 1500 300 300 --image-size 160 \\
-        [--root DIR] [--preview out.png]
+        [--difficulty standard|hard] [--root DIR] [--preview out.png]
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ __all__ = [
     "SHAPES_CLASSES",
     "SHAPES_SPLITS",
     "ShapesSpec",
+    "DIFFICULTIES",
     "generate_shapes",
     "register_tid_shapes",
     "ensure_generated",
@@ -72,6 +76,29 @@ _JPEG_QUALITY = 95
 _MAX_OCCLUDED = 0.7  # an object more occluded than this (fraction of its drawn pixels) is dropped
 
 
+@dataclass(frozen=True)
+class _Clutter:
+    """How crowded and noisy the images of one difficulty are (ranges are [low, high))."""
+
+    objects: Tuple[int, int]  # labelled objects per image
+    small_share: float  # probability that an object is small (8-34 px across)
+    outline_prob: float  # probability that an object (of a class that allows it) is an outline
+    lines: Tuple[int, int]  # background lines
+    blobs: Tuple[int, int]  # distractor blobs/arcs/polygons under the objects
+    thin_on_top: Tuple[int, int]  # thin distractors drawn over the objects (may occlude them)
+    blur_prob: float  # probability of a Gaussian blur
+    noise: Tuple[float, float]  # standard deviation of the pixel noise
+
+
+# "standard" (the default) is the one a small from-scratch student learns in about 1000 CPU
+# iterations; "hard" is the first, more crowded version (students reach about AP 1.5 there in the
+# same schedule, too little for a distillation effect to show).
+DIFFICULTIES: Dict[str, _Clutter] = {
+    "standard": _Clutter((1, 5), 0.35, 0.15, (0, 3), (0, 3), (0, 1), 0.3, (1.0, 4.0)),
+    "hard": _Clutter((1, 9), 0.45, 0.3, (0, 6), (0, 5), (0, 3), 0.5, (2.0, 8.0)),
+}
+
+
 # ---------------------------------------------------------------------------------------- spec
 def _default_root() -> str:
     return os.environ.get("TID_D2_DATASETS") or os.environ.get("DETECTRON2_DATASETS", "datasets")
@@ -86,6 +113,8 @@ class ShapesSpec:
         sizes: number of images of the ``train``, ``val`` and ``test`` splits (each at least 6, so
             that every class can be guaranteed to appear in every split).
         image_size: width and height of the square images, pixels.
+        difficulty: a key of ``DIFFICULTIES``: ``"standard"`` (default: up to 4 objects, light
+            clutter and noise) or ``"hard"`` (up to 8 objects, more outlines, distractors, noise).
         root: parent folder of the cache folder; ``None`` means ``$TID_D2_DATASETS``, else
             ``$DETECTRON2_DATASETS``, else ``datasets`` (read when the path is needed).
     """
@@ -93,6 +122,7 @@ class ShapesSpec:
     seed: int = 0
     sizes: Tuple[int, int, int] = (1500, 300, 300)
     image_size: int = 160
+    difficulty: str = "standard"
     root: Optional[str] = None
 
     def __post_init__(self) -> None:
@@ -106,6 +136,10 @@ class ShapesSpec:
             )
         if int(self.image_size) < 32:
             raise ValueError(f"ShapesSpec.image_size={self.image_size}: use at least 32 pixels")
+        if self.difficulty not in DIFFICULTIES:
+            raise ValueError(
+                f"ShapesSpec.difficulty={self.difficulty!r}: choose one of {sorted(DIFFICULTIES)}"
+            )
         object.__setattr__(self, "sizes", sizes)
         object.__setattr__(self, "seed", int(self.seed))
         object.__setattr__(self, "image_size", int(self.image_size))
@@ -114,10 +148,11 @@ class ShapesSpec:
 
     @property
     def name(self) -> str:
-        """Name of the cache folder, e.g. ``tid_shapes_s0_n1500-300-300_160``."""
+        """Name of the cache folder, e.g. ``tid_shapes_s0_n1500-300-300_160_standard``."""
         n = "-".join(str(s) for s in self.sizes)
         suffix = "" if _FORMAT_VERSION == 1 else f"_v{_FORMAT_VERSION}"
-        return f"tid_shapes_s{self.seed}_n{n}_{self.image_size}{suffix}"
+        level = "" if self.difficulty == "hard" else f"_{self.difficulty}"  # hard: the v1 name
+        return f"tid_shapes_s{self.seed}_n{n}_{self.image_size}{level}{suffix}"
 
     @property
     def dir(self) -> str:
@@ -129,7 +164,8 @@ class ShapesSpec:
     def from_env(cls) -> "ShapesSpec":
         """The spec of the default ``tid_shapes_*`` names: the defaults, overridable with
         ``$TID_D2_SHAPES_SEED``, ``$TID_D2_SHAPES_SIZES`` ("train,val,test") and
-        ``$TID_D2_SHAPES_IMAGE_SIZE`` (e.g. a small copy for smoke tests of the benchmark)."""
+        ``$TID_D2_SHAPES_IMAGE_SIZE`` (e.g. a small copy for smoke tests of the benchmark) and
+        ``$TID_D2_SHAPES_DIFFICULTY``."""
         env = os.environ
         kwargs: Dict[str, Any] = {}
         if env.get("TID_D2_SHAPES_SEED"):
@@ -138,6 +174,8 @@ class ShapesSpec:
             kwargs["sizes"] = tuple(int(x) for x in env["TID_D2_SHAPES_SIZES"].split(","))
         if env.get("TID_D2_SHAPES_IMAGE_SIZE"):
             kwargs["image_size"] = int(env["TID_D2_SHAPES_IMAGE_SIZE"])
+        if env.get("TID_D2_SHAPES_DIFFICULTY"):
+            kwargs["difficulty"] = env["TID_D2_SHAPES_DIFFICULTY"]
         return cls(**kwargs)
 
     def resolved(self) -> "ShapesSpec":
@@ -329,10 +367,10 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     return img
 
 
-def _object_size(rng: np.random.Generator, size: int) -> float:
+def _object_size(rng: np.random.Generator, size: int, small_share: float) -> float:
     """Extent (enclosing-circle diameter) of one object: a mixture of small and larger objects."""
     hi = min(_MAX_OBJECT_PX, 0.65 * size)
-    if rng.random() < 0.45:
+    if rng.random() < small_share:
         return float(rng.uniform(_MIN_OBJECT_PX, min(34.0, hi)))
     lo = min(34.0, hi)
     return float(math.exp(rng.uniform(math.log(lo), math.log(hi))))
@@ -349,31 +387,32 @@ def _pick_colour(rng: np.random.Generator, local_mean: np.ndarray) -> np.ndarray
 
 
 def render_image(
-    seed: int, split_index: int, index: int, size: int
+    seed: int, split_index: int, index: int, size: int, difficulty: str = "standard"
 ) -> Tuple[np.ndarray, List[Dict[str, Any]]]:
-    """Draw image ``index`` of a split, deterministically.
+    """Draw image ``index`` of a split, deterministically, with the clutter of ``difficulty``.
 
     Returns:
         the image (HxWx3 uint8, BGR as OpenCV writes it) and its annotations, each a dict with
         ``category_id`` (1-based), ``bbox`` ([x, y, w, h] floats, the tight box of the drawn
         pixels, inside the image) and ``area`` (w * h).
     """
+    clutter = DIFFICULTIES[difficulty]
     rng = np.random.default_rng([seed, split_index, index])
     img = _background(rng, size)
 
     # Background lines, then distractors that the objects may cover.
-    for _ in range(int(rng.integers(0, 6))):
+    for _ in range(int(rng.integers(*clutter.lines))):
         p0 = tuple(int(v) for v in rng.integers(0, size, 2))
         p1 = tuple(int(v) for v in rng.integers(0, size, 2))
         colour = tuple(float(v) for v in rng.uniform(0, 255, 3))
         cv2.line(img, p0, p1, colour, int(rng.integers(1, 3)))
-    for _ in range(int(rng.integers(0, 5))):
+    for _ in range(int(rng.integers(*clutter.blobs))):
         m = _distractor_mask(rng, size).astype(bool)
         img[m] = rng.uniform(0, 255, 3).astype(np.float32)
 
     # owner[y, x]: index of the object that shows at the pixel, -1 none, -2 an occluding distractor
     owner = np.full((size, size), -1, np.int16)
-    n_obj = int(rng.integers(1, 9))
+    n_obj = int(rng.integers(*clutter.objects))
     classes = [int(c) for c in rng.integers(0, len(SHAPES_CLASSES), n_obj)]
     # The first images of a split carry every class: their last object (drawn on top, so never
     # occluded by another object) is of class ``index``.
@@ -384,7 +423,7 @@ def render_image(
     drawn: List[Tuple[int, np.ndarray]] = []
     for i, c in enumerate(classes):
         cls = SHAPES_CLASSES[c]
-        d = _object_size(rng, size)
+        d = _object_size(rng, size, clutter.small_share)
         forced = force and i == len(classes) - 1
         if forced:  # filled and not tiny: thin distractors on top can never hide 70% of it
             d = max(d, 16.0)
@@ -400,7 +439,7 @@ def render_image(
         )
         angle = float(rng.uniform(0, 2 * math.pi))
         aspect = float(math.exp(rng.uniform(-0.15, 0.15)))
-        outline_draw = rng.random() < 0.3
+        outline_draw = rng.random() < clutter.outline_prob
         thick_frac = float(rng.uniform(0.06, 0.12))
         ring_inner = float(rng.uniform(0.45, 0.6))
         outline = 0
@@ -416,15 +455,15 @@ def render_image(
         drawn.append((c, m))
 
     # A few thin distractors on top (arcs, lines): they may partly occlude objects.
-    for _ in range(int(rng.integers(0, 3))):
+    for _ in range(int(rng.integers(*clutter.thin_on_top))):
         m = _distractor_mask(rng, size, thin=True).astype(bool)
         img[m] = rng.uniform(0, 255, 3).astype(np.float32)
         owner[m] = -2
 
     # Camera: mild blur and noise.
-    if rng.random() < 0.5:
+    if rng.random() < clutter.blur_prob:
         img = cv2.GaussianBlur(img, (0, 0), float(rng.uniform(0.4, 1.0)))
-    img += rng.standard_normal(img.shape, dtype=np.float32) * rng.uniform(2, 8)
+    img += rng.standard_normal(img.shape, dtype=np.float32) * rng.uniform(*clutter.noise)
     out = np.clip(np.round(img), 0, 255).astype(np.uint8)
 
     visible = np.bincount(owner.ravel() + 2, minlength=len(classes) + 2)[2:]
@@ -467,9 +506,11 @@ def _image_file_name(index: int) -> str:
     return f"{index:06d}.jpg"
 
 
-def _render_and_write(job: Tuple[int, int, int, int, str]) -> Tuple[int, List[Dict[str, Any]]]:
-    seed, split_index, index, size, image_root = job
-    img, annos = render_image(seed, split_index, index, size)
+def _render_and_write(
+    job: Tuple[int, int, int, int, str, str]
+) -> Tuple[int, List[Dict[str, Any]]]:
+    seed, split_index, index, size, difficulty, image_root = job
+    img, annos = render_image(seed, split_index, index, size, difficulty)
     ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, _JPEG_QUALITY])
     if not ok:
         raise RuntimeError(f"could not encode image {index} of split {split_index}")
@@ -496,7 +537,10 @@ def _generate_split(
     n = spec.size(split)
     image_root = spec.image_root(split)
     os.makedirs(image_root, exist_ok=True)
-    jobs = [(spec.seed, split_index, i, spec.image_size, image_root) for i in range(n)]
+    jobs = [
+        (spec.seed, split_index, i, spec.image_size, spec.difficulty, image_root)
+        for i in range(n)
+    ]
     workers = _num_workers(num_workers)
     bar = tqdm(total=n, desc=f"tid_shapes {split}", unit="img", disable=not progress)
     results: List[List[Dict[str, Any]]] = [[] for _ in range(n)]
@@ -542,6 +586,7 @@ def _generate_split(
             "seed": spec.seed,
             "split": split,
             "image_size": spec.image_size,
+            "difficulty": spec.difficulty,
         },
         "images": images,
         "annotations": annotations,
@@ -592,6 +637,7 @@ def _spec_record(spec: ShapesSpec, split: str) -> Dict[str, Any]:
         "seed": spec.seed,
         "sizes": list(spec.sizes),
         "image_size": spec.image_size,
+        "difficulty": spec.difficulty,
         "root": spec.root,
         "split": split,
     }
@@ -737,6 +783,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     )
     parser.add_argument("--image-size", type=int, default=160, help="image side (default 160)")
     parser.add_argument(
+        "--difficulty",
+        default="standard",
+        choices=sorted(DIFFICULTIES),
+        help="clutter: standard (default, up to 4 objects) or hard (up to 8, more distractors)",
+    )
+    parser.add_argument(
         "--root",
         default=None,
         help="parent folder of the dataset folder (default $TID_D2_DATASETS, else "
@@ -751,7 +803,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
 
     spec = ShapesSpec(
-        seed=args.seed, sizes=tuple(args.sizes), image_size=args.image_size, root=args.root
+        seed=args.seed,
+        sizes=tuple(args.sizes),
+        image_size=args.image_size,
+        difficulty=args.difficulty,
+        root=args.root,
     )
     paths = generate_shapes(spec, num_workers=args.workers)
     print(f"tid_shapes dataset: {spec.dir}")
