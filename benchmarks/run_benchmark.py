@@ -33,8 +33,10 @@ from tid_d2.runs import (
     AP_FIELDS,
     REPO_ROOT,
     ap_curve,
+    cached_teacher,
     final_ap,
     format_table,
+    mark_teacher,
     train_net,
 )  # noqa: E402
 
@@ -216,7 +218,7 @@ def main(argv=None):
     start = time.time()
     teacher_dir = os.path.join(args.output, f"{fam}_teacher")
     teacher_weights = os.path.join(teacher_dir, "model_final.pth")
-    if not os.path.isfile(teacher_weights):
+    if cached_teacher(teacher_dir, args.iters) is None:
         print(f"[bench] training the {fam} teacher once (cached in {teacher_dir})", flush=True)
         train_net(
             os.path.join(args.config_dir, f"{fam}_mnv2_teacher.yaml"),
@@ -224,6 +226,7 @@ def main(argv=None):
             ["SOLVER.MAX_ITER", str(args.iters), "DATASETS.TEST", f"('{VAL}','{TEST}')"] + extra,
             label="teacher",
         )
+        mark_teacher(teacher_dir, args.iters)
     teacher_ap = final_ap(teacher_dir, TEST)["AP"]
 
     jobs = [(m, s) for s in args.seeds for m in args.modes]

@@ -318,3 +318,17 @@ def test_shapes_detector_configs_build(path):
     cfg.merge_from_file(path)
     model = build_model(cfg)
     assert sum(p.numel() for p in model.parameters()) > 1e6
+
+
+def test_cached_teacher_is_reused_only_for_the_same_data_and_schedule(tmp_path, monkeypatch):
+    from tid_d2.runs import cached_teacher, mark_teacher
+
+    monkeypatch.delenv("TID_D2_SHAPES_DIFFICULTY", raising=False)
+    assert cached_teacher(str(tmp_path), 1000) is None  # nothing there
+    (tmp_path / "model_final.pth").write_bytes(b"x")
+    assert cached_teacher(str(tmp_path), 1000) is None  # weights of unknown provenance
+    mark_teacher(str(tmp_path), 1000)
+    assert cached_teacher(str(tmp_path), 1000) == str(tmp_path / "model_final.pth")
+    assert cached_teacher(str(tmp_path), 500) is None  # another schedule
+    monkeypatch.setenv("TID_D2_SHAPES_DIFFICULTY", "hard")
+    assert cached_teacher(str(tmp_path), 1000) is None  # other data

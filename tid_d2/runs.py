@@ -19,6 +19,8 @@ __all__ = [
     "run_child",
     "peak_memory_mb",
     "write_results",
+    "cached_teacher",
+    "mark_teacher",
 ]
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -71,6 +73,37 @@ def train_net(
             + "".join(tail[-25:])
         )
     return time.time() - start
+
+
+_TEACHER_DATA = "tid_shapes_spec.txt"
+
+
+def _data_key() -> str:
+    from tid_d2.data import ShapesSpec
+
+    return ShapesSpec.from_env().name
+
+
+def cached_teacher(teacher_dir: str, iters: int) -> Optional[str]:
+    """``teacher_dir/model_final.pth`` if it was trained on the current ``tid_shapes`` data for
+    ``iters`` iterations (see :func:`mark_teacher`); ``None`` (with a message) otherwise, so that
+    a teacher trained on other data (another difficulty, seed or size) is never reused silently."""
+    weights = os.path.join(teacher_dir, "model_final.pth")
+    if not os.path.isfile(weights):
+        return None
+    want = f"{_data_key()} iters={iters}"
+    marker = os.path.join(teacher_dir, _TEACHER_DATA)
+    have = open(marker).read().strip() if os.path.isfile(marker) else "(no record)"
+    if have != want:
+        print(f"[tid-d2] cached teacher {weights} was trained on {have}, not {want}: retraining")
+        return None
+    return weights
+
+
+def mark_teacher(teacher_dir: str, iters: int) -> None:
+    """Record which data and schedule the teacher in ``teacher_dir`` was trained on."""
+    with open(os.path.join(teacher_dir, _TEACHER_DATA), "w") as f:
+        f.write(f"{_data_key()} iters={iters}\n")
 
 
 def read_metrics(output_dir: str) -> List[Dict]:

@@ -2,7 +2,8 @@
 """The main job: teacher -> student alone -> TID student on the embedded tid_shapes data.
 
 1. generates tid_shapes (first run only);
-2. trains the MobileNetV2-FPN teacher (or reuses output/demo/teacher/model_final.pth);
+2. trains the MobileNetV2-FPN teacher (or reuses output/demo/<family>_teacher/model_final.pth
+   when it was trained on the same tid_shapes data and schedule);
 3. trains the ResNet-18 student alone (``TID.MODE none``, the same code path) and the TID
    student on the same schedule; the TID run first evaluates the teacher (strict-load check);
 4. evaluates all three on tid_shapes_test with COCOEvaluator and prints one table, also written
@@ -19,7 +20,14 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tid_d2.runs import REPO_ROOT, final_ap, format_table, train_net  # noqa: E402
+from tid_d2.runs import (  # noqa: E402
+    REPO_ROOT,
+    cached_teacher,
+    final_ap,
+    format_table,
+    mark_teacher,
+    train_net,
+)
 
 TEST = "tid_shapes_test"
 
@@ -48,7 +56,7 @@ def main(argv=None):
     teacher_weights = os.path.join(teacher_dir, "model_final.pth")
     rows = []
 
-    if args.retrain_teacher or not os.path.isfile(teacher_weights):
+    if args.retrain_teacher or cached_teacher(teacher_dir, args.iters) is None:
         print(
             f"[demo] 1/3 training the teacher ({fam}, MobileNetV2-FPN128, ImageNet init)",
             flush=True,
@@ -59,6 +67,7 @@ def main(argv=None):
             schedule,
             label="teacher",
         )
+        mark_teacher(teacher_dir, args.iters)
     else:
         print(f"[demo] 1/3 reusing the cached teacher {teacher_weights}", flush=True)
         secs = 0.0
