@@ -238,6 +238,24 @@ def test_warmup_ramps_lambda(tmp_path):
     assert [model.lambda_now(i) for i in (0, 1, 3, 10)] == [0.5, 1.0, 2.0, 2.0]
 
 
+def test_adapter_warmup_keeps_tid_gradient_out_of_the_student(tmp_path):
+    """During TID.ADAPTER_WARMUP_ITERS the imitation loss trains the adapters only."""
+    cfg = tid_cfg(str(tmp_path), "RetinaNet", "fitnet", teacher_width=32, student_width=16)
+    cfg.TID.ADAPTER_WARMUP_ITERS = 2
+    model = build_model(cfg)
+    model.train()
+    student_params = [p for p in model.student.backbone.parameters() if p.requires_grad]
+    for it, reaches_student in ((1, False), (2, True)):
+        model.zero_grad(set_to_none=True)
+        with EventStorage(it):
+            losses = model(random_inputs(2, 64))
+        tid = sum(v for k, v in losses.items() if k.startswith("loss_tid"))
+        tid.backward()
+        assert all(p.grad is not None for p in model.tid_adapters.parameters())
+        got = any(p.grad is not None and p.grad.abs().sum() > 0 for p in student_params)
+        assert got == reaches_student, it
+
+
 # ----------------------------------------------------------------------------- mismatches
 def test_class_count_mismatch(tmp_path):
     cfg = tid_cfg(str(tmp_path), "RetinaNet", "tid")

@@ -89,6 +89,10 @@ def add_tid_config(cfg):
     # phi_l: "auto" = 1x1 conv when student and teacher widths differ, identity otherwise;
     # "conv" = always a 1x1 conv.
     _C.TID.ADAPTER = "auto"
+    # For this many first iterations L_tid trains only the adapters phi_l (student features
+    # detached), so that a randomly initialised phi_l does not push random directions into the
+    # student before it has learned to map student to teacher features [ours].
+    _C.TID.ADAPTER_WARMUP_ITERS = 0
     # Normalise teacher and adapted student features before the squared error [ours]:
     # "none" = raw features; "channel" = per image and channel, zero mean and unit std over the
     # level's locations (as PKD does for heterogeneous teacher / student pairs).

@@ -72,8 +72,10 @@ def validate_tid_cfg(cfg) -> None:
     check_unit("TID.SIG.SINGLE_THRESHOLD_NEG", [tid.SIG.SINGLE_THRESHOLD_NEG], 1)
     if len(tid.SIG.IOU_THRESHOLDS):
         check_unit("TID.SIG.IOU_THRESHOLDS", tid.SIG.IOU_THRESHOLDS, 2)
-    if tid.LOSS_WEIGHT < 0 or tid.WARMUP_ITERS < 0:
-        raise ValueError("TID.LOSS_WEIGHT and TID.WARMUP_ITERS must be >= 0")
+    if tid.LOSS_WEIGHT < 0 or tid.WARMUP_ITERS < 0 or tid.ADAPTER_WARMUP_ITERS < 0:
+        raise ValueError(
+            "TID.LOSS_WEIGHT, TID.WARMUP_ITERS and TID.ADAPTER_WARMUP_ITERS must be >= 0"
+        )
     RegionParams(  # validates rule and weights
         weak_rule=tid.REGION.WEAK_RULE, weights=tuple(float(w) for w in tid.REGION.WEIGHTS)
     )
@@ -103,6 +105,7 @@ class TIDDistiller(nn.Module):
         vis_period: int,
         tid_cfg,
         feature_norm: str = "none",
+        adapter_warmup_iters: int = 0,
     ):
         """
         Args:
@@ -116,6 +119,8 @@ class TIDDistiller(nn.Module):
             vis_period: put significance pictures into the event storage every this many iters.
             tid_cfg: the whole config (for the significance thresholds).
             feature_norm: "none" or "channel" (see TID.FEATURE_NORM).
+            adapter_warmup_iters: iterations in which L_tid reaches only the adapters (see
+                TID.ADAPTER_WARMUP_ITERS).
         """
         super().__init__()
         if mode not in TID_MODES:
@@ -125,6 +130,7 @@ class TIDDistiller(nn.Module):
         self.mode = mode
         self.loss_weight = float(loss_weight)
         self.warmup_iters = int(warmup_iters)
+        self.adapter_warmup_iters = int(adapter_warmup_iters)
         self.region_params = region_params
         self.vis_period = vis_period
         normalize_features(torch.zeros(1, 1, 1, 1), feature_norm)  # validates the mode
@@ -181,6 +187,7 @@ class TIDDistiller(nn.Module):
             "vis_period": cfg.VIS_PERIOD,
             "tid_cfg": cfg,
             "feature_norm": cfg.TID.FEATURE_NORM,
+            "adapter_warmup_iters": cfg.TID.ADAPTER_WARMUP_ITERS,
         }
 
     # ------------------------------------------------------------------------- set-up checks
@@ -316,10 +323,10 @@ class TIDDistiller(nn.Module):
         per_level = [maps["regions"][level] for level in self.in_features]
         counts = region_counts([r for regs in per_level for r in regs], comm.get_world_size())
         counts = counts.split([len(regs) for regs in per_level])
+        adapters_only = iteration < self.adapter_warmup_iters
         for level, regions, count in zip(self.in_features, per_level, counts):
-            adapted = normalize_features(
-                self.tid_adapters(level, s_feats[level]), self.feature_norm
-            )
+            student = s_feats[level].detach() if adapters_only else s_feats[level]
+            adapted = normalize_features(self.tid_adapters(level, student), self.feature_norm)
             target = normalize_features(maps["teacher_features"][level], self.feature_norm)
             loss = region_imitation_loss(adapted, target, regions, count)
             losses[f"loss_tid_{level}"] = lam * loss
