@@ -43,3 +43,22 @@ def test_benchmark_quick_runs_every_variant(tmp_path):
         assert {"AP", "AP50", "AP75", "APs", "APm", "APl", "val_AP", "seed", "iterations"} <= set(r)
     text = open(tmp_path / "results" / "retinanet_quick.md").read()
     assert "| tid |" in text and "gap recovered" in text
+
+
+def test_val_sweep_settings_are_valid_configs():
+    """Every setting of benchmarks/val_sweep.py names a shipped config and overrides that merge
+    (a renamed key or config fails here, not an hour into a sweep)."""
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    try:
+        import val_sweep
+    finally:
+        sys.path.pop(0)
+    from tid_d2.config import get_cfg
+
+    names = [s[0] for s in val_sweep.SETTINGS]
+    assert len(names) == len(set(names)) and "none" in names
+    for name, config, opts, _ in val_sweep.SETTINGS:
+        cfg = get_cfg()
+        cfg.merge_from_file(os.path.join(REPO, "configs", "shapes", config))
+        cfg.merge_from_list(list(opts))
+        assert (cfg.MODEL.META_ARCHITECTURE == "TIDDistiller") == (config == val_sweep.TID), name
