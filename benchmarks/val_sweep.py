@@ -149,7 +149,6 @@ def main(argv=None):
     )
     data = {"teacher_val_AP": teacher_ap, "runs": records}
     write_results(args.results, "retinanet_val_sweep", md, data)
-    print(md)
     return 0
 
 
