@@ -79,6 +79,7 @@ def main(argv=None):
     p.add_argument("--batches", type=int, default=3)
     p.add_argument("--results", default=os.path.join(REPO_ROOT, "benchmarks", "results"))
     p.add_argument("--stem", default="retinanet_grad_norms")
+    p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides for every setting")
     args = p.parse_args(argv)
 
     rows, records = [], []
@@ -86,7 +87,7 @@ def main(argv=None):
         for setting in args.setting:
             name, *opts = setting.split()
             det, tid, g_det, g_tid = measure(
-                args.config_file, args.teacher_weights, opts, ckpt, args.batches
+                args.config_file, args.teacher_weights, list(args.opts) + opts, ckpt, args.batches
             )
             where = "initialisation" if ckpt is None else os.path.relpath(ckpt, REPO_ROOT)
             rec = {

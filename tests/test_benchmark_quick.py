@@ -44,6 +44,27 @@ def test_benchmark_quick_runs_every_variant(tmp_path):
     text = open(tmp_path / "results" / "retinanet_quick.md").read()
     assert "| tid |" in text and "gap recovered" in text
 
+    # the gradient-norm diagnostic, against the teacher the quick run trained
+    grad = [
+        sys.executable,
+        os.path.join(REPO, "benchmarks", "grad_norms.py"),
+        "--teacher-weights",
+        str(tmp_path / "runs" / "retinanet_teacher" / "model_final.pth"),
+        "--setting",
+        "tid TID.MODE tid TID.LOSS_WEIGHT 0.1",
+        "--batches",
+        "1",
+        "--results",
+        str(tmp_path / "results"),
+        *cmd[cmd.index("MODEL.FPN.OUT_CHANNELS") :],
+        "SOLVER.IMS_PER_BATCH",
+        "2",
+    ]
+    out = subprocess.run(grad, env=env, capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    (rec,) = json.load(open(tmp_path / "results" / "retinanet_grad_norms.json"))
+    assert rec["setting"] == "tid" and rec["grad_det"] > 0 and rec["grad_tid"] > 0
+
 
 def test_val_sweep_settings_are_valid_configs():
     """Every setting of benchmarks/val_sweep.py names a shipped config and overrides that merge
