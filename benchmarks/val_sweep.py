@@ -45,7 +45,7 @@ SETTINGS = [
         "fitnet_l0.13",
         TID,
         ["TID.MODE", "fitnet", "TID.LOSS_WEIGHT", "0.13"],
-        "uniform, initial loss ~2.2 as in docs of the peer measurement",
+        "uniform, initial loss ~2.2 (scale measured in dependencies.md)",
     ),
     ("tid_l0.1", TID, ["TID.MODE", "tid", "TID.LOSS_WEIGHT", "0.1"], "TID, lambda 0.1"),
     ("tid_l0.01", TID, ["TID.MODE", "tid", "TID.LOSS_WEIGHT", "0.01"], "TID, lambda 0.01"),
@@ -122,7 +122,11 @@ def main(argv=None):
             done = False
         if not done:
             train_net(os.path.join(cfg_dir, config), out, full, label=name, quiet=True)
-        cmd = f"python train_net.py --config-file configs/shapes/{config} " + " ".join(full)
+        shown = [os.path.relpath(o, REPO_ROOT) if o.startswith(REPO_ROOT) else o for o in full]
+        cmd = (
+            f"python train_net.py --config-file configs/shapes/{config} "
+            f"OUTPUT_DIR {os.path.relpath(out, REPO_ROOT)} " + " ".join(shown)
+        )
         return {"name": name, "command": cmd, **final_ap(out, VAL), **_final_losses(out)}
 
     with ThreadPoolExecutor(max_workers=args.parallel) as pool:
@@ -143,7 +147,10 @@ def main(argv=None):
         + "\n\nloss_cls / loss_tid: training losses at the last logged iteration (loss_tid "
         "includes lambda).\n\nCommand: `python benchmarks/val_sweep.py "
         + " ".join(sys.argv[1:])
-        + f"`; wall time {(time.time() - start) / 60:.0f} min. Each run:\n\n"
+        + f"` ({(time.time() - start) / 60:.0f} min for the runs not reused; each run takes "
+        "12-16 min on one core with two runs at once on the 2-core CPU). Each run:\n\n"
+        + f"- teacher: `python train_net.py --config-file configs/shapes/retinanet_mnv2_teacher.yaml "
+        f"OUTPUT_DIR {os.path.relpath(teacher_dir, REPO_ROOT)} DATALOADER.NUM_WORKERS 1`\n"
         + "\n".join(f"- `{r['command']}`" for r in records)
         + "\n"
     )
