@@ -68,7 +68,27 @@ SETTINGS = [
         ["TID.MODE", "tid", "TID.LOSS_WEIGHT", "0.01", "TID.IN_FEATURES", '["p3","p4","p5"]'],
         "TID on p3-p5 only",
     ),
+    (
+        "mnv2s_none",
+        "retinanet_mnv2_fpn64_student.yaml",
+        [],
+        "pretrained MobileNetV2-FPN64 student alone",
+    ),
+    (
+        "mnv2s_tid_l0.01",
+        "tid_retinanet_mnv2_student.yaml",
+        ["TID.MODE", "tid", "TID.LOSS_WEIGHT", "0.01"],
+        "pretrained MobileNetV2-FPN64 student, TID lambda 0.01",
+    ),
 ]
+
+
+# the student-alone config each TID config is compared with
+_STUDENT_OF = {TID: STUDENT, "tid_retinanet_mnv2_student.yaml": "retinanet_mnv2_fpn64_student.yaml"}
+
+
+def cfg_for_base(config):
+    return _STUDENT_OF.get(config, config)
 
 
 def _final_losses(out):
@@ -114,7 +134,7 @@ def main(argv=None):
         name, config, opts, _ = setting
         out = os.path.join(args.output, name)
         full = ["DATALOADER.NUM_WORKERS", "1", "VIS_PERIOD", "0"] + opts
-        if config == TID:
+        if config.startswith("tid_"):  # a TIDDistiller config: the sweep's teacher
             full = ["TID.TEACHER.WEIGHTS", teacher] + full
         try:
             done = args.reuse and bool(final_ap(out, VAL))
@@ -132,15 +152,21 @@ def main(argv=None):
     with ThreadPoolExecutor(max_workers=args.parallel) as pool:
         records = list(pool.map(run, settings))
     teacher_ap = final_ap(teacher_dir, VAL)["AP"]
-    base = next((r["AP"] for r in records if r["name"] == "none"), None)
+    # each setting against the student alone of its own student architecture
+    bases = {
+        cfg_for_base(c): r["AP"]
+        for (_, c, _, _), r in zip(settings, records)
+        if not c.startswith("tid_")
+    }
     rows = []
-    for (name, _, _, what), r in zip(settings, records):
+    for (name, config, _, what), r in zip(settings, records):
         row = {"setting": name, "what": what, **{f: r[f] for f in AP_FIELDS}}
-        row["AP - none"] = f"{r['AP'] - base:+.2f}" if base is not None else "-"
+        base = bases.get(cfg_for_base(config))
+        row["AP - alone"] = f"{r['AP'] - base:+.2f}" if base is not None else "-"
         for k in ("loss_cls", "loss_tid"):
             row[k] = "-" if r[k] is None else f"{r[k]:.3f}"
         rows.append(row)
-    cols = ["setting", "what", *AP_FIELDS, "AP - none", "loss_cls", "loss_tid"]
+    cols = ["setting", "what", *AP_FIELDS, "AP - alone", "loss_cls", "loss_tid"]
     md = (
         f"### retinanet on {VAL} (seed 0, 1000 iterations; teacher val AP {teacher_ap:.2f})\n\n"
         + format_table(rows, cols)

@@ -82,4 +82,8 @@ def test_val_sweep_settings_are_valid_configs():
         cfg = get_cfg()
         cfg.merge_from_file(os.path.join(REPO, "configs", "shapes", config))
         cfg.merge_from_list(list(opts))
-        assert (cfg.MODEL.META_ARCHITECTURE == "TIDDistiller") == (config == val_sweep.TID), name
+        assert (cfg.MODEL.META_ARCHITECTURE == "TIDDistiller") == config.startswith("tid_"), name
+        # every TID setting has a student-alone setting to be compared with
+        if config.startswith("tid_"):
+            base = val_sweep.cfg_for_base(config)
+            assert any(c == base for _, c, _, _ in val_sweep.SETTINGS), name
