@@ -69,6 +69,18 @@ SETTINGS = [
         "TID on p3-p5 only",
     ),
     (
+        "tid_l0.01_all",
+        TID,
+        ["TID.MODE", "tid", "TID.LOSS_WEIGHT", "0.01", "TID.REGION.NORMALIZE", "all_levels"],
+        "TID, each region normalised over all levels",
+    ),
+    (
+        "tid_l0.05_all",
+        TID,
+        ["TID.MODE", "tid", "TID.LOSS_WEIGHT", "0.05", "TID.REGION.NORMALIZE", "all_levels"],
+        "TID, each region normalised over all levels",
+    ),
+    (
         "mnv2s_none",
         "retinanet_mnv2_fpn64_student.yaml",
         [],

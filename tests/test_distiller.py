@@ -133,9 +133,12 @@ def test_resume_roundtrip_restores_student_and_adapters(tmp_path):
         assert k == k2 and torch.equal(v, v2), k
 
 
-def test_repeated_batch_gives_same_tid_loss(tmp_path):
+@pytest.mark.parametrize("normalize", ["level", "all_levels"])
+def test_repeated_batch_gives_same_tid_loss(tmp_path, normalize):
     torch.manual_seed(0)
-    model = build_model(tid_cfg(str(tmp_path), "RetinaNet", "tid"))
+    cfg = tid_cfg(str(tmp_path), "RetinaNet", "tid")
+    cfg.TID.REGION.NORMALIZE = normalize
+    model = build_model(cfg)
     model.train()
     batch = random_inputs(2, 64, seed=3)
     with EventStorage(0), torch.no_grad():
@@ -144,6 +147,12 @@ def test_repeated_batch_gives_same_tid_loss(tmp_path):
     for k in one:
         if k.startswith("loss_tid_"):
             assert two[k].item() == pytest.approx(one[k].item(), rel=1e-4), k
+    if normalize == "all_levels":  # pooled counts: a level's term is no longer its own mean
+        model.region_normalize = "level"
+        with EventStorage(0), torch.no_grad():
+            per_level = model(batch)
+        tid = [k for k in one if k.startswith("loss_tid_")]
+        assert sum(one[k].item() for k in tid) < sum(per_level[k].item() for k in tid)
 
 
 def test_heterogeneous_teacher_student(tmp_path):
@@ -310,6 +319,7 @@ def test_bad_tid_settings(tmp_path):
         ("TID.SIG.IOU_THRESHOLDS", [0.6, 0.5], "low <= high"),
         ("TID.REGION.WEIGHTS", [1.0, -0.5, 0.05], "non-negative"),
         ("TID.REGION.WEAK_RULE", "relative", "WEAK_RULE"),
+        ("TID.REGION.NORMALIZE", "image", "TID.REGION.NORMALIZE"),
     ]
     for key, value, message in cases:
         cfg = tid_cfg(str(tmp_path), "RetinaNet", "tid")

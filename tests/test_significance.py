@@ -229,6 +229,25 @@ def test_region_loss_hand_computed():
     assert region_imitation_loss(s, t, [("weak", empty, 1.0)]).item() == 0.0
 
 
+def test_region_counts_per_level_or_pooled_over_levels():
+    """NORMALIZE level: each level's key term is its own mean; all_levels: one mean over the key
+    locations of every level (hand-computed: squared errors 1 and 9 on a 2x2 level, 4 on 1x1)."""
+    from tid_d2.modeling.imitation import region_counts
+
+    s_a = torch.tensor([[[[1.0, 0.0], [3.0, 0.0]]]])  # key at (0,0) and (1,0): errors 1, 9
+    key_a = torch.tensor([[[True, False], [True, False]]])
+    s_b = torch.tensor([[[[2.0]]]])  # key: error 4
+    key_b = torch.tensor([[[True]]])
+    regions = [("key", key_a, 1.0), ("key", key_b, 1.0)]
+    for pooled, expected in ((False, (1 + 9) / 2 + 4 / 1), (True, (1 + 9 + 4) / 3)):
+        counts = region_counts(regions, pool_by_name=pooled)
+        assert counts.tolist() == ([3.0, 3.0] if pooled else [2.0, 1.0])
+        loss = region_imitation_loss(
+            s_a, torch.zeros_like(s_a), regions[:1], counts[:1]
+        ) + region_imitation_loss(s_b, torch.zeros_like(s_b), regions[1:], counts[1:])
+        assert loss.item() == pytest.approx(expected)
+
+
 def test_region_loss_invariant_to_repeating_the_batch():
     g = torch.Generator().manual_seed(0)
     s, t = torch.randn(2, 3, 5, 5, generator=g), torch.randn(2, 3, 5, 5, generator=g)

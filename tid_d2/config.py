@@ -137,6 +137,10 @@ def add_tid_config(cfg):
     # (alpha_key, alpha_weak, alpha_rest) [ours]; gt_mask uses alpha_key inside GT boxes and
     # alpha_rest outside.
     _C.TID.REGION.WEIGHTS = [1.0, 1.0, 0.05]
+    # |r| of a region's normaliser [ours]: "level" = its location count on each FPN level (every
+    # level's term is a mean, so a location of a coarse level weighs more); "all_levels" = its
+    # count over all distilled levels (every location weighs the same).
+    _C.TID.REGION.NORMALIZE = "level"
 
     # Loading .pkl weights runs arbitrary code (pickle); allowed only when set [security].
     _C.TID.ALLOW_PICKLE_WEIGHTS = False

@@ -106,6 +106,7 @@ class TIDDistiller(nn.Module):
         tid_cfg,
         feature_norm: str = "none",
         adapter_warmup_iters: int = 0,
+        region_normalize: str = "level",
     ):
         """
         Args:
@@ -121,6 +122,7 @@ class TIDDistiller(nn.Module):
             feature_norm: "none" or "channel" (see TID.FEATURE_NORM).
             adapter_warmup_iters: iterations in which L_tid reaches only the adapters (see
                 TID.ADAPTER_WARMUP_ITERS).
+            region_normalize: "level" or "all_levels" (see TID.REGION.NORMALIZE).
         """
         super().__init__()
         if mode not in TID_MODES:
@@ -131,6 +133,11 @@ class TIDDistiller(nn.Module):
         self.loss_weight = float(loss_weight)
         self.warmup_iters = int(warmup_iters)
         self.adapter_warmup_iters = int(adapter_warmup_iters)
+        if region_normalize not in ("level", "all_levels"):
+            raise ValueError(
+                f"TID.REGION.NORMALIZE must be 'level' or 'all_levels', got {region_normalize!r}"
+            )
+        self.region_normalize = region_normalize
         self.region_params = region_params
         self.vis_period = vis_period
         normalize_features(torch.zeros(1, 1, 1, 1), feature_norm)  # validates the mode
@@ -188,6 +195,7 @@ class TIDDistiller(nn.Module):
             "tid_cfg": cfg,
             "feature_norm": cfg.TID.FEATURE_NORM,
             "adapter_warmup_iters": cfg.TID.ADAPTER_WARMUP_ITERS,
+            "region_normalize": cfg.TID.REGION.NORMALIZE,
         }
 
     # ------------------------------------------------------------------------- set-up checks
@@ -321,7 +329,11 @@ class TIDDistiller(nn.Module):
         losses = {}
         # every level's region counts in one tensor: one all-reduce per step under DDP
         per_level = [maps["regions"][level] for level in self.in_features]
-        counts = region_counts([r for regs in per_level for r in regs], comm.get_world_size())
+        counts = region_counts(
+            [r for regs in per_level for r in regs],
+            comm.get_world_size(),
+            pool_by_name=self.region_normalize == "all_levels",
+        )
         counts = counts.split([len(regs) for regs in per_level])
         adapters_only = iteration < self.adapter_warmup_iters
         for level, regions, count in zip(self.in_features, per_level, counts):

@@ -53,9 +53,15 @@ def normalize_features(x: torch.Tensor, mode: str) -> torch.Tensor:
 
 
 def region_counts(
-    regions: List[Tuple[str, torch.Tensor, float]], world_size: int = 1
+    regions: List[Tuple[str, torch.Tensor, float]],
+    world_size: int = 1,
+    pool_by_name: bool = False,
 ) -> torch.Tensor:
     """|r| of every region, as the normaliser of this process's loss.
+
+    With ``pool_by_name`` the regions of one name (e.g. "key" of every FPN level) share one count,
+    their total: each location then weighs the same whatever its level (``TID.REGION.NORMALIZE
+    all_levels``). Otherwise each entry is normalised by its own count (per level).
 
     With ``world_size`` > 1 the counts are summed over all processes and divided by the world
     size: DDP averages the processes' gradients, so each process then contributes exactly its
@@ -68,6 +74,12 @@ def region_counts(
     counts = torch.stack([mask.sum() for _, mask, _ in regions]).float()
     if world_size > 1:
         torch.distributed.all_reduce(counts)
+    if pool_by_name:
+        names = [name for name, _, _ in regions]
+        totals: Dict[str, torch.Tensor] = {}
+        for name, c in zip(names, counts):
+            totals[name] = totals[name] + c if name in totals else c
+        counts = torch.stack([totals[name] for name in names])
     return counts.clamp(min=1.0) / world_size
 
 
