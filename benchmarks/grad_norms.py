@@ -82,7 +82,7 @@ def main(argv=None):
     p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides for every setting")
     args = p.parse_args(argv)
 
-    rows, records = [], []
+    records = []
     for ckpt in [None] + args.checkpoint:
         for setting in args.setting:
             name, *opts = setting.split()
@@ -101,7 +101,6 @@ def main(argv=None):
                 "grad_tid / grad_det": g_tid / max(g_det, 1e-12),
             }
             records.append(rec)
-            rows.append(rec)
             print(rec, flush=True)
     cols = [
         "student",
@@ -115,7 +114,7 @@ def main(argv=None):
     md = (
         f"Gradient norms over all trainable parameters, mean of {args.batches} training batches "
         "(batch 8)\n\n"
-        + format_table(rows, cols)
+        + format_table(records, cols)
         + "\n\nCommand: `python benchmarks/grad_norms.py "
         + " ".join(f'"{a}"' if " " in a else a for a in sys.argv[1:])
         + "`\n"
