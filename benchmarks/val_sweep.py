@@ -2,14 +2,17 @@
 """Validation sweep: how the imitation loss's scale and options change the student, on
 tid_shapes_val only (the test split is never looked at here).
 
-Each setting is one ``train_net.py`` run (RetinaNet, seed 0, the shipped 1000-iteration schedule)
+Each setting is one ``train_net.py`` run per seed (RetinaNet, the shipped 1000-iteration schedule)
 against one teacher trained by ``configs/shapes/retinanet_mnv2_teacher.yaml``; runs are kept in
-``output/sweep/<name>`` and reused with ``--reuse``. Writes ``benchmarks/results/
+``output/sweep/<name>`` (seed 0) or ``output/sweep/<name>_s<seed>`` and reused with ``--reuse``.
+With several ``--seeds`` a setting's row gives the mean and standard deviation over the seeds of
+every setting that has all of them. Writes ``benchmarks/results/
 retinanet_val_sweep.md`` and ``.json`` (val AP fields, the final losses and the exact command of
 every run).
 
     python benchmarks/val_sweep.py --parallel 2 --reuse
     python benchmarks/val_sweep.py --only none tid_l0.01   # a subset
+    python benchmarks/val_sweep.py --only none tid_l0.01 --seeds 0 1 2 --reuse
 """
 
 import argparse
@@ -137,6 +140,61 @@ def _final_losses(out):
     }
 
 
+def _finished_seeds(output, name):
+    """Seeds other than 0 with a finished run of setting ``name`` in ``output``."""
+    seeds = []
+    prefix = f"{name}_s"
+    for entry in os.listdir(output) if os.path.isdir(output) else []:
+        if entry.startswith(prefix) and entry[len(prefix) :].isdigit():
+            try:
+                if final_ap(os.path.join(output, entry), VAL):
+                    seeds.append(int(entry[len(prefix) :]))
+            except RuntimeError:
+                pass
+    return seeds
+
+
+def _mean_std(values):
+    values = [float(v) for v in values]
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, None
+    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
+    return mean, var**0.5
+
+
+def _fmt(mean, std):
+    return f"{mean:.2f}" if std is None else f"{mean:.2f} ± {std:.2f}"
+
+
+def seed_rows(settings, records):
+    """One table row per setting: AP fields as mean (± sample std) over its seeds, and the mean
+    AP difference to the student alone of the same student architecture over the seeds both
+    have."""
+    by_name = {}
+    for r in records:
+        by_name.setdefault(r["name"], {})[r["seed"]] = r
+    base_runs = {cfg_for_base(c): by_name[n] for n, c, _, _ in settings if not c.startswith("tid_")}
+    rows = []
+    for name, config, _, what in settings:
+        runs = by_name[name]
+        row = {"setting": name, "what": what, "seeds": len(runs)}
+        for f in AP_FIELDS:
+            row[f] = _fmt(*_mean_std([r[f] for r in runs.values()]))
+        base = base_runs.get(cfg_for_base(config))
+        shared = sorted(set(runs) & set(base)) if base else []
+        if shared:
+            diff = _mean_std([runs[s]["AP"] - base[s]["AP"] for s in shared])
+            row["AP - alone"] = f"{diff[0]:+.2f}" + ("" if diff[1] is None else f" ± {diff[1]:.2f}")
+        else:
+            row["AP - alone"] = "-"
+        for k in ("loss_cls", "loss_tid"):
+            vals = [r[k] for r in runs.values() if r[k] is not None]
+            row[k] = f"{sum(vals) / len(vals):.3f}" if vals else "-"
+        rows.append(row)
+    return rows
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -146,6 +204,7 @@ def main(argv=None):
     p.add_argument("--output", default=os.path.join(REPO_ROOT, "output", "sweep"))
     p.add_argument("--results", default=os.path.join(REPO_ROOT, "benchmarks", "results"))
     p.add_argument("--reuse", action="store_true", help="reuse finished runs in --output")
+    p.add_argument("--seeds", nargs="*", type=int, default=[0], help="SEED of each run")
     args = p.parse_args(argv)
     if args.parallel > 1:
         threads = str(max(1, (os.cpu_count() or 2) // args.parallel))
@@ -165,10 +224,12 @@ def main(argv=None):
         mark_teacher(teacher_dir, 1000)
     teacher = os.path.join(teacher_dir, "model_final.pth")
 
-    def run(setting):
-        name, config, opts, _ = setting
-        out = os.path.join(args.output, name)
+    def run(job):
+        (name, config, opts, _), seed = job
+        out = os.path.join(args.output, name if seed == 0 else f"{name}_s{seed}")
         full = ["DATALOADER.NUM_WORKERS", "1", "VIS_PERIOD", "0"] + opts
+        if seed != 0:
+            full += ["SEED", str(seed)]
         if config.startswith("tid_"):  # a TIDDistiller config: the sweep's teacher
             full = ["TID.TEACHER.WEIGHTS", teacher] + full
         try:
@@ -182,28 +243,30 @@ def main(argv=None):
             f"python train_net.py --config-file configs/shapes/{config} "
             f"OUTPUT_DIR {os.path.relpath(out, REPO_ROOT)} " + " ".join(shown)
         )
-        return {"name": name, "command": cmd, **final_ap(out, VAL), **_final_losses(out)}
+        return {
+            "name": name,
+            "seed": seed,
+            "command": cmd,
+            **final_ap(out, VAL),
+            **_final_losses(out),
+        }
 
+    jobs = [(s, seed) for s in settings for seed in args.seeds]
+    if args.reuse:  # also every other seed already finished on disk, so one table holds all
+        jobs += [(s, seed) for s in settings for seed in _finished_seeds(args.output, s[0])]
+        unique = {(j[0][0], j[1]): j for j in jobs}
+        jobs = sorted(unique.values(), key=lambda j: (settings.index(j[0]), j[1]))
     with ThreadPoolExecutor(max_workers=args.parallel) as pool:
-        records = list(pool.map(run, settings))
+        records = list(pool.map(run, jobs))
+    seeds_used = sorted({r["seed"] for r in records})
     teacher_ap = final_ap(teacher_dir, VAL)["AP"]
-    # each setting against the student alone of its own student architecture
-    bases = {
-        cfg_for_base(c): r["AP"]
-        for (_, c, _, _), r in zip(settings, records)
-        if not c.startswith("tid_")
-    }
-    rows = []
-    for (name, config, _, what), r in zip(settings, records):
-        row = {"setting": name, "what": what, **{f: r[f] for f in AP_FIELDS}}
-        base = bases.get(cfg_for_base(config))
-        row["AP - alone"] = f"{r['AP'] - base:+.2f}" if base is not None else "-"
-        for k in ("loss_cls", "loss_tid"):
-            row[k] = "-" if r[k] is None else f"{r[k]:.3f}"
-        rows.append(row)
-    cols = ["setting", "what", *AP_FIELDS, "AP - alone", "loss_cls", "loss_tid"]
+    rows = seed_rows(settings, records)
+    cols = ["setting", "what", "seeds", *AP_FIELDS, "AP - alone", "loss_cls", "loss_tid"]
+    seeds = ", ".join(str(s) for s in seeds_used)
+    spread = " (mean ± std over the seeds each setting has)" if len(seeds_used) > 1 else ""
     md = (
-        f"### retinanet on {VAL} (seed 0, 1000 iterations; teacher val AP {teacher_ap:.2f})\n\n"
+        f"### retinanet on {VAL} (seed {seeds}{spread}, 1000 iterations; teacher val AP "
+        f"{teacher_ap:.2f})\n\n"
         + format_table(rows, cols)
         + "\n\nloss_cls / loss_tid: training losses at the last logged iteration (loss_tid "
         "includes lambda).\n\nCommand: `python benchmarks/val_sweep.py "

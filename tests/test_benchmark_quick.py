@@ -87,3 +87,37 @@ def test_val_sweep_settings_are_valid_configs():
         if config.startswith("tid_"):
             base = val_sweep.cfg_for_base(config)
             assert any(c == base for _, c, _, _ in val_sweep.SETTINGS), name
+
+
+def test_val_sweep_seed_rows_mean_std_and_paired_difference():
+    """Seed aggregation of the val sweep, hand-computed: mean, sample std, and the AP difference
+    to the student alone taken over the seeds both settings have."""
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    try:
+        import val_sweep
+    finally:
+        sys.path.pop(0)
+
+    def rec(name, seed, ap):
+        fields = {f: ap for f in ("AP", "AP50", "AP75", "APs", "APm", "APl")}
+        return {"name": name, "seed": seed, "loss_cls": 0.5, "loss_tid": None, **fields}
+
+    settings = [
+        ("none", val_sweep.STUDENT, [], "alone"),
+        ("tid_x", val_sweep.TID, [], "tid"),
+    ]
+    records = [
+        rec("none", 0, 2.0),
+        rec("none", 1, 4.0),
+        rec("none", 2, 6.0),
+        rec("tid_x", 0, 3.0),
+        rec("tid_x", 1, 6.0),
+    ]
+    alone, tid = val_sweep.seed_rows(settings, records)
+    assert alone["seeds"] == 3 and alone["AP"] == "4.00 ± 2.00"
+    assert alone["AP - alone"] == "+0.00 ± 0.00"
+    # tid: mean 4.5, std sqrt(4.5) = 2.12; paired differences (seeds 0, 1): +1, +2
+    assert tid["seeds"] == 2 and tid["AP"] == "4.50 ± 2.12"
+    assert tid["AP - alone"] == "+1.50 ± 0.71"
+    (single,) = val_sweep.seed_rows(settings[:1], records[:1])
+    assert single["AP"] == "2.00" and single["AP - alone"] == "+0.00"
