@@ -207,9 +207,6 @@ def main(argv=None):
         ]
         args.workers = 0
     fam = args.family
-    if args.parallel > 1:
-        threads = str(max(1, (os.cpu_count() or 2) // args.parallel))
-        os.environ.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
 
     from tid_d2.data import ensure_generated
 
@@ -229,6 +226,9 @@ def main(argv=None):
         mark_teacher(teacher_dir, args.iters)
     teacher_ap = final_ap(teacher_dir, TEST)["AP"]
 
+    if args.parallel > 1:  # after the teacher, which runs alone and uses every core
+        threads = str(max(1, (os.cpu_count() or 2) // args.parallel))
+        os.environ.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
     jobs = [(m, s) for s in args.seeds for m in args.modes]
     with ThreadPoolExecutor(max_workers=args.parallel) as pool:
         records = list(
