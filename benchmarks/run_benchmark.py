@@ -35,8 +35,10 @@ from tid_d2.runs import (
     ap_curve,
     cached_teacher,
     final_ap,
+    fmt_mean_std,
     format_table,
     mark_teacher,
+    mean_std,
     train_net,
 )  # noqa: E402
 
@@ -95,28 +97,35 @@ def _has_final(out):
 
 
 def summarize(records, fam, teacher_ap, cost=None):
+    """Markdown: per variant, AP fields as mean ± sample std over seeds, the AP difference to the
+    student alone paired by seed (mean ± std over the seeds both have), and the share of the
+    teacher-student gap recovered."""
     rows = []
-    base = [r["AP"] for r in records if r["mode"] == "none"]
-    base_mean = statistics.mean(base) if base else float("nan")
+    base = {r["seed"]: r["AP"] for r in records if r["mode"] == "none"}
+    base_mean = statistics.mean(base.values()) if base else float("nan")
     for mode in MODES:
         rs = [r for r in records if r["mode"] == mode]
         if not rs:
             continue
         row = {"variant": mode, "seeds": len(rs)}
         for f in AP_FIELDS:
-            vals = [r[f] for r in rs]
-            sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
-            row[f] = f"{statistics.mean(vals):.2f} ± {sd:.2f}"
+            row[f] = fmt_mean_std(*mean_std([r[f] for r in rs]))
         row["val AP"] = f"{statistics.mean(r['val_AP'] for r in rs):.2f}"
+        paired = [r["AP"] - base[r["seed"]] for r in rs if r["seed"] in base]
+        row["AP - none"] = fmt_mean_std(*mean_std(paired), signed=True) if paired else "-"
         gap = teacher_ap - base_mean
         mean_ap = statistics.mean(r["AP"] for r in rs)
         row["gap recovered"] = (
             f"{100 * (mean_ap - base_mean) / gap:.0f}%" if gap > 0 and mode != "none" else "-"
         )
         rows.append(row)
-    cols = ["variant", "seeds", *AP_FIELDS, "val AP", "gap recovered"]
+    cols = ["variant", "seeds", *AP_FIELDS, "val AP", "AP - none", "gap recovered"]
     text = f"### {fam}: COCO bbox AP on {TEST} (mean ± std over seeds); teacher AP {teacher_ap:.2f}\n\n"
     text += format_table(rows, cols)
+    text += (
+        "\n\n`AP - none`: AP minus the student alone's AP of the same seed, mean ± std over "
+        "the seeds both have."
+    )
     if cost:
         text += "\n\n" + cost
     return text

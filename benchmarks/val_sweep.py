@@ -29,8 +29,10 @@ from tid_d2.runs import (  # noqa: E402
     REPO_ROOT,
     cached_teacher,
     final_ap,
+    fmt_mean_std,
     format_table,
     mark_teacher,
+    mean_std,
     read_metrics,
     train_net,
     write_results,
@@ -154,19 +156,6 @@ def _finished_seeds(output, name):
     return seeds
 
 
-def _mean_std(values):
-    values = [float(v) for v in values]
-    mean = sum(values) / len(values)
-    if len(values) < 2:
-        return mean, None
-    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
-    return mean, var**0.5
-
-
-def _fmt(mean, std):
-    return f"{mean:.2f}" if std is None else f"{mean:.2f} ± {std:.2f}"
-
-
 def seed_rows(settings, records):
     """One table row per setting: AP fields as mean (± sample std) over its seeds, and the mean
     AP difference to the student alone of the same student architecture over the seeds both
@@ -180,12 +169,12 @@ def seed_rows(settings, records):
         runs = by_name[name]
         row = {"setting": name, "what": what, "seeds": len(runs)}
         for f in AP_FIELDS:
-            row[f] = _fmt(*_mean_std([r[f] for r in runs.values()]))
+            row[f] = fmt_mean_std(*mean_std([r[f] for r in runs.values()]))
         base = base_runs.get(cfg_for_base(config))
         shared = sorted(set(runs) & set(base)) if base else []
         if shared:
-            diff = _mean_std([runs[s]["AP"] - base[s]["AP"] for s in shared])
-            row["AP - alone"] = f"{diff[0]:+.2f}" + ("" if diff[1] is None else f" ± {diff[1]:.2f}")
+            diff = mean_std([runs[s]["AP"] - base[s]["AP"] for s in shared])
+            row["AP - alone"] = fmt_mean_std(*diff, signed=True)
         else:
             row["AP - alone"] = "-"
         for k in ("loss_cls", "loss_tid"):

@@ -121,3 +121,33 @@ def test_val_sweep_seed_rows_mean_std_and_paired_difference():
     assert tid["AP - alone"] == "+1.50 ± 0.71"
     (single,) = val_sweep.seed_rows(settings[:1], records[:1])
     assert single["AP"] == "2.00" and single["AP - alone"] == "+0.00"
+
+
+def test_run_benchmark_summary_pairs_seeds_and_gap():
+    """Benchmark table, hand-computed: mean ± sample std per variant, the difference to the
+    student alone paired by seed, and the share of the teacher-student gap recovered."""
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    try:
+        import run_benchmark
+    finally:
+        sys.path.pop(0)
+
+    def rec(mode, seed, ap):
+        fields = {f: ap for f in ("AP", "AP50", "AP75", "APs", "APm", "APl")}
+        return {"mode": mode, "seed": seed, "val_AP": ap, **fields}
+
+    records = [
+        rec("none", 0, 10.0),
+        rec("none", 1, 14.0),
+        rec("tid", 0, 11.0),
+        rec("tid", 1, 17.0),
+        rec("tid", 2, 20.0),  # no student-alone run of seed 2: not paired
+    ]
+    text = run_benchmark.summarize(records, "rcnn", teacher_ap=32.0)
+    lines = {ln.split(" | ")[0].strip("| "): ln for ln in text.splitlines() if ln.startswith("| ")}
+    # none: mean 12, std sqrt(8) = 2.83; tid: mean 16, std sqrt(21) = 4.58
+    assert "| none | 2 | 12.00 ± 2.83 |" in lines["none"]
+    assert lines["none"].endswith("| +0.00 ± 0.00 | - |")
+    assert "| tid | 3 | 16.00 ± 4.58 |" in lines["tid"]
+    # paired (seeds 0, 1): +1, +3 -> +2.00 ± 1.41; gap recovered (16 - 12) / (32 - 12) = 20%
+    assert lines["tid"].endswith("| +2.00 ± 1.41 | 20% |")

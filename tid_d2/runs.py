@@ -140,6 +140,22 @@ def ap_curve(output_dir: str, dataset: Optional[str] = None) -> List[tuple]:
     return out
 
 
+def mean_std(values) -> tuple:
+    """(mean, sample standard deviation) of ``values``; the std is None for a single value."""
+    values = [float(v) for v in values]
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, None
+    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
+    return mean, var**0.5
+
+
+def fmt_mean_std(mean: float, std: Optional[float], signed: bool = False) -> str:
+    """ "m ± s" with two decimals ("m" alone when std is None); ``signed`` prints "+m"."""
+    m = f"{mean:+.2f}" if signed else f"{mean:.2f}"
+    return m if std is None else f"{m} ± {std:.2f}"
+
+
 def format_table(rows: List[Dict], columns: Sequence[str], floatfmt: str = "{:.2f}") -> str:
     """A Markdown table of ``rows`` (dicts) with the given columns."""
 
