@@ -28,6 +28,11 @@ __all__ = [
 
 # Upper bound of elements of one IoU block (predictions x GT boxes): 4M floats = 16 MB.
 _IOU_BLOCK = 1 << 22
+# Largest (all predictions x all GT of the batch) matrix built at once: it also computes the
+# pairs across images, (B - 1) / B of its work wasted, so it only pays below ~1 MB (it saves the
+# per-image calls); above, per-image blocks are faster (benchmarks/scaling.py: 100 GT per image,
+# 40 ms against 75-100 ms).
+_BATCH_MATRIX_MAX = 1 << 18
 
 
 @dataclass(frozen=True)
@@ -82,10 +87,10 @@ def match_to_gt(
 ) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
     """Best-overlapping GT of every predicted box, image by image (as detectron2's matchers are).
 
-    When the whole batch fits in one block of at most ``_IOU_BLOCK`` elements (the usual case),
+    When the whole batch's (predictions x GT) matrix is small (``_BATCH_MATRIX_MAX`` elements),
     one IoU matrix covers all images, pairs across images masked out; otherwise the IoU matrix is
-    built image by image in blocks of that size, so an image with thousands of GT boxes needs a
-    bounded amount of memory. Both paths give identical results.
+    built image by image in blocks of at most ``_IOU_BLOCK`` elements, so an image with thousands
+    of GT boxes needs a bounded amount of memory. Both paths give identical results.
 
     Args:
         pred_boxes: per image, (M_i, 4) XYXY boxes.
@@ -97,7 +102,7 @@ def match_to_gt(
     """
     total_m = sum(int(b.shape[0]) for b in pred_boxes)
     total_g = sum(int(g.shape[0]) for g in gt_boxes)
-    if 0 < total_m * total_g <= _IOU_BLOCK:
+    if 0 < total_m * total_g <= min(_BATCH_MATRIX_MAX, _IOU_BLOCK):
         return _match_batch_at_once(pred_boxes, gt_boxes, gt_classes)
     ious, classes = [], []
     for boxes, gts, cls in zip(pred_boxes, gt_boxes, gt_classes):
