@@ -58,6 +58,41 @@ def test_every_mode_trains_finite(tmp_path, family, mode):
                 assert key in latest, key
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_zero_lambda_trains_the_student_exactly_like_mode_none(tmp_path, family):
+    """With lambda 0 the teacher forward, hooks, significance and regions change nothing in the
+    student's own training: the same detection losses and weights, to float rounding (gradients
+    summed in another order), after the same steps from the same weights; so a TID-vs-alone
+    difference is the imitation gradient, not a side effect of distilling."""
+    models = {}
+    for mode in ("none", "tid"):
+        cfg = tid_cfg(str(tmp_path), family, mode)
+        cfg.TID.LOSS_WEIGHT = 0.0
+        models[mode] = build_model(cfg)
+    models["tid"].student.load_state_dict(models["none"].student.state_dict())
+    runs = {}
+    for mode, model in models.items():
+        opt = torch.optim.SGD(model.student.parameters(), lr=1e-2, momentum=0.9)
+        model.train()
+        per_step = []
+        with EventStorage(0) as storage:
+            for i in range(3):
+                torch.manual_seed(100 + i)  # the ROI heads sample proposals at random
+                losses = model(random_inputs(2, 64, 2, seed=i))
+                opt.zero_grad()
+                sum(losses.values()).backward()
+                opt.step()
+                per_step.append({k: v.item() for k, v in losses.items() if "tid" not in k})
+                storage.iter += 1
+        runs[mode] = per_step
+    for alone, tid in zip(runs["none"], runs["tid"]):
+        assert alone.keys() == tid.keys()
+        assert all(tid[k] == pytest.approx(v, rel=1e-4, abs=1e-6) for k, v in alone.items())
+    tid_state = models["tid"].student.state_dict()
+    for k, v in models["none"].student.state_dict().items():
+        assert torch.allclose(v.float(), tid_state[k].float(), rtol=1e-4, atol=1e-5), k
+
+
 def test_teacher_frozen_bit_identical_and_outside_state(tmp_path):
     model = build_model(tid_cfg(str(tmp_path), "RetinaNet", "tid"))
     before = {k: v.clone() for k, v in model.teacher.state_dict().items()}
