@@ -10,6 +10,17 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def _benchmark_script(name: str):
+    """Import ``benchmarks/<name>.py`` as a module (the scripts are not a package)."""
+    import importlib
+
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.pop(0)
+
+
 @pytest.mark.slow
 def test_benchmark_quick_runs_every_variant(tmp_path):
     env = dict(
@@ -69,11 +80,7 @@ def test_benchmark_quick_runs_every_variant(tmp_path):
 def test_val_sweep_settings_are_valid_configs():
     """Every setting of benchmarks/val_sweep.py names a shipped config and overrides that merge
     (a renamed key or config fails here, not an hour into a sweep)."""
-    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
-    try:
-        import val_sweep
-    finally:
-        sys.path.pop(0)
+    val_sweep = _benchmark_script("val_sweep")
     from tid_d2.config import get_cfg
 
     names = [s[0] for s in val_sweep.SETTINGS]
@@ -92,11 +99,7 @@ def test_val_sweep_settings_are_valid_configs():
 def test_val_sweep_seed_rows_mean_std_and_paired_difference():
     """Seed aggregation of the val sweep, hand-computed: mean, sample std, and the AP difference
     to the student alone taken over the seeds both settings have."""
-    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
-    try:
-        import val_sweep
-    finally:
-        sys.path.pop(0)
+    val_sweep = _benchmark_script("val_sweep")
 
     def rec(name, seed, ap):
         fields = {f: ap for f in ("AP", "AP50", "AP75", "APs", "APm", "APl")}
@@ -126,11 +129,7 @@ def test_val_sweep_seed_rows_mean_std_and_paired_difference():
 def test_run_benchmark_summary_pairs_seeds_and_gap():
     """Benchmark table, hand-computed: mean ± sample std per variant, the difference to the
     student alone paired by seed, and the share of the teacher-student gap recovered."""
-    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
-    try:
-        import run_benchmark
-    finally:
-        sys.path.pop(0)
+    run_benchmark = _benchmark_script("run_benchmark")
 
     def rec(mode, seed, ap):
         fields = {f: ap for f in ("AP", "AP50", "AP75", "APs", "APm", "APl")}
