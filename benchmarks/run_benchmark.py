@@ -37,6 +37,7 @@ from tid_d2.runs import (
     final_ap,
     fmt_mean_std,
     format_table,
+    has_final_ap,
     mark_teacher,
     mean_std,
     train_net,
@@ -66,8 +67,7 @@ def _run_variant(args, fam, mode, seed, teacher_weights, out_root, extra):
         "VIS_PERIOD",
         "0",
     ] + extra
-    done = os.path.join(out, "metrics.json")
-    if args.reuse and os.path.isfile(done) and _has_final(out):
+    if args.reuse and has_final_ap(out, TEST):
         secs = None
     else:
         secs = train_net(
@@ -86,14 +86,6 @@ def _run_variant(args, fam, mode, seed, teacher_weights, out_root, extra):
         flush=True,
     )
     return record
-
-
-def _has_final(out):
-    try:
-        final_ap(out, TEST)
-        return True
-    except RuntimeError:
-        return False
 
 
 def summarize(records, fam, teacher_ap, cost=None):

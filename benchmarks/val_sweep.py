@@ -31,6 +31,7 @@ from tid_d2.runs import (  # noqa: E402
     final_ap,
     fmt_mean_std,
     format_table,
+    has_final_ap,
     mark_teacher,
     mean_std,
     read_metrics,
@@ -147,12 +148,13 @@ def _finished_seeds(output, name):
     seeds = []
     prefix = f"{name}_s"
     for entry in os.listdir(output) if os.path.isdir(output) else []:
-        if entry.startswith(prefix) and entry[len(prefix) :].isdigit():
-            try:
-                if final_ap(os.path.join(output, entry), VAL):
-                    seeds.append(int(entry[len(prefix) :]))
-            except RuntimeError:
-                pass
+        seed = entry[len(prefix) :]
+        if (
+            entry.startswith(prefix)
+            and seed.isdigit()
+            and has_final_ap(os.path.join(output, entry), VAL)
+        ):
+            seeds.append(int(seed))
     return seeds
 
 
@@ -221,11 +223,7 @@ def main(argv=None):
             full += ["SEED", str(seed)]
         if config.startswith("tid_"):  # a TIDDistiller config: the sweep's teacher
             full = ["TID.TEACHER.WEIGHTS", teacher] + full
-        try:
-            done = args.reuse and bool(final_ap(out, VAL))
-        except RuntimeError:
-            done = False
-        if not done:
+        if not (args.reuse and has_final_ap(out, VAL)):
             train_net(os.path.join(cfg_dir, config), out, full, label=name, quiet=True)
         shown = [os.path.relpath(o, REPO_ROOT) if o.startswith(REPO_ROOT) else o for o in full]
         cmd = (

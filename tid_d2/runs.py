@@ -4,6 +4,7 @@ benchmark, so every variant is trained and evaluated through the same command a 
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import time
@@ -130,6 +131,11 @@ def final_ap(output_dir: str, dataset: Optional[str] = None) -> Dict[str, float]
     raise RuntimeError(f"no bbox AP for {dataset or 'the test set'} in {output_dir}/metrics.json")
 
 
+def has_final_ap(output_dir: str, dataset: Optional[str] = None) -> bool:
+    """Whether ``output_dir`` holds a finished run: an evaluation with bbox AP in metrics.json."""
+    return any(_ap_key(r, dataset, "AP") is not None for r in read_metrics(output_dir))
+
+
 def ap_curve(output_dir: str, dataset: Optional[str] = None) -> List[tuple]:
     """[(iteration, AP)] of every evaluation in metrics.json."""
     out = []
@@ -143,11 +149,7 @@ def ap_curve(output_dir: str, dataset: Optional[str] = None) -> List[tuple]:
 def mean_std(values) -> tuple:
     """(mean, sample standard deviation) of ``values``; the std is None for a single value."""
     values = [float(v) for v in values]
-    mean = sum(values) / len(values)
-    if len(values) < 2:
-        return mean, None
-    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
-    return mean, var**0.5
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else None)
 
 
 def fmt_mean_std(mean: float, std: Optional[float], signed: bool = False) -> str:
