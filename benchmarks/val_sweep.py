@@ -110,6 +110,33 @@ SETTINGS = [
         "TID, all-levels normalisation + channel standardisation + adapter warm-up",
     ),
     (
+        "none_3k",
+        STUDENT,
+        ["SOLVER.MAX_ITER", "3000", "TEST.EVAL_PERIOD", "1000"],
+        "student alone, 3000 iterations",
+    ),
+    (
+        "tid_l0.01_all_ch_aw_3k",
+        TID,
+        [
+            "TID.MODE",
+            "tid",
+            "TID.LOSS_WEIGHT",
+            "0.01",
+            "TID.REGION.NORMALIZE",
+            "all_levels",
+            "TID.FEATURE_NORM",
+            "channel",
+            "TID.ADAPTER_WARMUP_ITERS",
+            "300",
+            "SOLVER.MAX_ITER",
+            "3000",
+            "TEST.EVAL_PERIOD",
+            "1000",
+        ],
+        "as tid_l0.01_all_ch_aw, 3000 iterations",
+    ),
+    (
         "mnv2s_none",
         "retinanet_mnv2_fpn64_student.yaml",
         [],
@@ -130,6 +157,17 @@ _STUDENT_OF = {TID: STUDENT, "tid_retinanet_mnv2_student.yaml": "retinanet_mnv2_
 
 def cfg_for_base(config):
     return _STUDENT_OF.get(config, config)
+
+
+def schedule(opts) -> int:
+    """Training iterations of a setting: its SOLVER.MAX_ITER override, else the shipped 1000."""
+    opts = list(opts)
+    return int(opts[opts.index("SOLVER.MAX_ITER") + 1]) if "SOLVER.MAX_ITER" in opts else 1000
+
+
+def base_key(config, opts):
+    """Which student-alone run a setting is compared with: same student, same schedule."""
+    return cfg_for_base(config), schedule(opts)
 
 
 def _final_losses(out):
@@ -165,14 +203,16 @@ def seed_rows(settings, records):
     by_name = {}
     for r in records:
         by_name.setdefault(r["name"], {})[r["seed"]] = r
-    base_runs = {cfg_for_base(c): by_name[n] for n, c, _, _ in settings if not c.startswith("tid_")}
+    base_runs = {
+        base_key(c, o): by_name[n] for n, c, o, _ in settings if not c.startswith("tid_")
+    }
     rows = []
-    for name, config, _, what in settings:
+    for name, config, opts, what in settings:
         runs = by_name[name]
         row = {"setting": name, "what": what, "seeds": len(runs)}
         for f in AP_FIELDS:
             row[f] = fmt_mean_std(*mean_std([r[f] for r in runs.values()]))
-        base = base_runs.get(cfg_for_base(config))
+        base = base_runs.get(base_key(config, opts))
         shared = sorted(set(runs) & set(base)) if base else []
         if shared:
             diff = mean_std([runs[s]["AP"] - base[s]["AP"] for s in shared])
@@ -196,6 +236,9 @@ def main(argv=None):
     p.add_argument("--results", default=os.path.join(REPO_ROOT, "benchmarks", "results"))
     p.add_argument("--reuse", action="store_true", help="reuse finished runs in --output")
     p.add_argument("--seeds", nargs="*", type=int, default=[0], help="SEED of each run")
+    p.add_argument(
+        "--name", default="retinanet_val_sweep", help="file stem of the results (.md / .json)"
+    )
     args = p.parse_args(argv)
     if args.parallel > 1:
         threads = str(max(1, (os.cpu_count() or 2) // args.parallel))
@@ -252,7 +295,8 @@ def main(argv=None):
     seeds = ", ".join(str(s) for s in seeds_used)
     spread = " (mean ± std over the seeds each setting has)" if len(seeds_used) > 1 else ""
     md = (
-        f"### retinanet on {VAL} (seed {seeds}{spread}, 1000 iterations; teacher val AP "
+        f"### retinanet on {VAL} (seed {seeds}{spread}, 1000 iterations unless a setting says "
+        f"otherwise; teacher val AP "
         f"{teacher_ap:.2f})\n\n"
         + format_table(rows, cols)
         + "\n\nloss_cls / loss_tid: training losses at the last logged iteration (loss_tid "
@@ -266,7 +310,7 @@ def main(argv=None):
         + "\n"
     )
     data = {"teacher_val_AP": teacher_ap, "runs": records}
-    write_results(args.results, "retinanet_val_sweep", md, data)
+    write_results(args.results, args.name, md, data)
     return 0
 
 

@@ -92,8 +92,8 @@ def test_val_sweep_settings_are_valid_configs():
         assert (cfg.MODEL.META_ARCHITECTURE == "TIDDistiller") == config.startswith("tid_"), name
         # every TID setting has a student-alone setting to be compared with
         if config.startswith("tid_"):
-            base = val_sweep.cfg_for_base(config)
-            assert any(c == base for _, c, _, _ in val_sweep.SETTINGS), name
+            base = val_sweep.base_key(config, opts)
+            assert any(val_sweep.base_key(c, o) == base for _, c, o, _ in val_sweep.SETTINGS), name
 
 
 def test_val_sweep_seed_rows_mean_std_and_paired_difference():
@@ -105,9 +105,12 @@ def test_val_sweep_seed_rows_mean_std_and_paired_difference():
         fields = {f: ap for f in ("AP", "AP50", "AP75", "APs", "APm", "APl")}
         return {"name": name, "seed": seed, "loss_cls": 0.5, "loss_tid": None, **fields}
 
+    long = ["SOLVER.MAX_ITER", "3000"]
     settings = [
         ("none", val_sweep.STUDENT, [], "alone"),
         ("tid_x", val_sweep.TID, [], "tid"),
+        ("none_long", val_sweep.STUDENT, long, "alone, longer"),
+        ("tid_long", val_sweep.TID, ["TID.LOSS_WEIGHT", "0.01"] + long, "tid, longer"),
     ]
     records = [
         rec("none", 0, 2.0),
@@ -115,8 +118,12 @@ def test_val_sweep_seed_rows_mean_std_and_paired_difference():
         rec("none", 2, 6.0),
         rec("tid_x", 0, 3.0),
         rec("tid_x", 1, 6.0),
+        rec("none_long", 0, 10.0),
+        rec("tid_long", 0, 9.0),
     ]
-    alone, tid = val_sweep.seed_rows(settings, records)
+    alone, tid, _, tid_long = val_sweep.seed_rows(settings, records)
+    # each TID setting is compared with the student alone on its own schedule
+    assert tid_long["AP - alone"] == "-1.00"
     assert alone["seeds"] == 3 and alone["AP"] == "4.00 ± 2.00"
     assert alone["AP - alone"] == "+0.00 ± 0.00"
     # tid: mean 4.5, std sqrt(4.5) = 2.12; paired differences (seeds 0, 1): +1, +2

@@ -332,3 +332,26 @@ def test_cached_teacher_is_reused_only_for_the_same_data_and_schedule(tmp_path, 
     assert cached_teacher(str(tmp_path), 500) is None  # another schedule
     monkeypatch.setenv("TID_D2_SHAPES_DIFFICULTY", "hard")
     assert cached_teacher(str(tmp_path), 1000) is None  # other data
+
+
+def test_a_run_is_finished_only_with_an_evaluation_at_its_last_iteration(tmp_path):
+    """A run with periodic evaluations that stopped half-way is not taken for a finished one
+    (``--reuse`` in the benchmark scripts would otherwise report its mid-run AP)."""
+    import json
+
+    from tid_d2.runs import has_final_ap
+
+    def metrics(*iterations):
+        with open(tmp_path / "metrics.json", "w") as f:
+            f.write(json.dumps({"iteration": 5, "total_loss": 1.0}) + "\n")
+            for it in iterations:
+                f.write(json.dumps({"iteration": it, "tid_shapes_val/bbox/AP": 1.0}) + "\n")
+
+    assert not has_final_ap(str(tmp_path), "tid_shapes_val")  # no metrics.json
+    metrics(999)
+    assert has_final_ap(str(tmp_path), "tid_shapes_val")  # no config.yaml: any evaluation
+    (tmp_path / "config.yaml").write_text("SOLVER:\n  MAX_ITER: 3000\n")
+    assert not has_final_ap(str(tmp_path), "tid_shapes_val")  # stopped after iteration 1000
+    assert not has_final_ap(str(tmp_path), "tid_shapes_test")  # other dataset
+    metrics(999, 1999, 2999)
+    assert has_final_ap(str(tmp_path), "tid_shapes_val")

@@ -10,6 +10,8 @@ import sys
 import time
 from typing import Dict, List, Optional, Sequence
 
+import yaml
+
 __all__ = [
     "REPO_ROOT",
     "train_net",
@@ -132,8 +134,25 @@ def final_ap(output_dir: str, dataset: Optional[str] = None) -> Dict[str, float]
 
 
 def has_final_ap(output_dir: str, dataset: Optional[str] = None) -> bool:
-    """Whether ``output_dir`` holds a finished run: an evaluation with bbox AP in metrics.json."""
-    return any(_ap_key(r, dataset, "AP") is not None for r in read_metrics(output_dir))
+    """Whether ``output_dir`` holds a finished run: an evaluation with bbox AP in metrics.json at
+    the run's last iteration (``SOLVER.MAX_ITER`` of its ``config.yaml``), so that a run stopped
+    after a periodic evaluation is not taken for a finished one."""
+    records = read_metrics(output_dir)
+    iters = [r.get("iteration", 0) for r in records if _ap_key(r, dataset, "AP") is not None]
+    if not iters:
+        return False
+    max_iter = _configured_max_iter(output_dir)
+    return max_iter is None or max(iters) + 1 >= max_iter
+
+
+def _configured_max_iter(output_dir: str) -> Optional[int]:
+    """``SOLVER.MAX_ITER`` of the config detectron2 saved in ``output_dir`` (None without one)."""
+    path = os.path.join(output_dir, "config.yaml")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        max_iter = (yaml.safe_load(f) or {}).get("SOLVER", {}).get("MAX_ITER")
+    return int(max_iter) if max_iter is not None else None
 
 
 def ap_curve(output_dir: str, dataset: Optional[str] = None) -> List[tuple]:
