@@ -26,6 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from tid_d2.runs import (  # noqa: E402
     AP_FIELDS,
+    ap_curve,
     REPO_ROOT,
     cached_teacher,
     final_ap,
@@ -113,6 +114,18 @@ SETTINGS = [
         TID,
         ALL_CH_AW,
         "TID, all-levels normalisation + channel standardisation + adapter warm-up",
+    ),
+    (
+        "fitnet_all_l0.3",
+        TID,
+        ["TID.MODE", "fitnet", "TID.LOSS_WEIGHT", "0.3", "TID.REGION.NORMALIZE", "all_levels"],
+        "uniform, every location the same weight, initial loss ~2 (dependencies.md scale)",
+    ),
+    (
+        "fitnet_all_l0.03",
+        TID,
+        ["TID.MODE", "fitnet", "TID.LOSS_WEIGHT", "0.03", "TID.REGION.NORMALIZE", "all_levels"],
+        "uniform, every location the same weight, lambda 0.03",
     ),
     (
         "none_3k",
@@ -269,6 +282,7 @@ def main(argv=None):
             "command": cmd,
             **final_ap(out, VAL),
             **_final_losses(out),
+            "val_curve": ap_curve(out, VAL),
         }
 
     jobs = [(s, seed) for s in settings for seed in args.seeds]
@@ -283,16 +297,23 @@ def main(argv=None):
     rows = seed_rows(settings, records)
     cols = ["setting", "what", "seeds", *AP_FIELDS, "AP - alone", "loss_cls", "loss_tid"]
     seeds = ", ".join(str(s) for s in seeds_used)
-    spread = " (mean ± std over the seeds each setting has)" if len(seeds_used) > 1 else ""
+    spread = "; mean ± std over the seeds each setting has" if len(seeds_used) > 1 else ""
+    curves = [
+        f"- {r['name']} seed {r['seed']}: "
+        + ", ".join(f"{ap:.2f} at {it}" for it, ap in r["val_curve"])
+        for r in records
+        if len(r["val_curve"]) > 1
+    ]
     md = (
-        f"### retinanet on {VAL} (seed {seeds}{spread}, 1000 iterations unless a setting says "
-        f"otherwise; teacher val AP "
-        f"{teacher_ap:.2f})\n\n"
+        f"### retinanet on {VAL} (seed{'s' if len(seeds_used) > 1 else ''} {seeds}{spread}; "
+        f"1000 iterations unless a setting says otherwise; teacher val AP {teacher_ap:.2f})\n\n"
         + format_table(rows, cols)
         + "\n\nloss_cls / loss_tid: training losses at the last logged iteration (loss_tid "
-        "includes lambda).\n\nCommand: `python benchmarks/val_sweep.py "
+        "includes lambda).\n\n"
+        + ("Val AP at each evaluation:\n\n" + "\n".join(curves) + "\n\n" if curves else "")
+        + "Command: `python benchmarks/val_sweep.py "
         + " ".join(sys.argv[1:])
-        + f"` ({(time.time() - start) / 60:.0f} min for the runs not reused; each run takes "
+        + f"` ({(time.time() - start) / 60:.0f} min for the runs not reused; 1000 iterations take "
         "12-16 min on one core with two runs at once on the 2-core CPU). Each run:\n\n"
         + f"- teacher: `python train_net.py --config-file configs/shapes/retinanet_mnv2_teacher.yaml "
         f"OUTPUT_DIR {os.path.relpath(teacher_dir, REPO_ROOT)} DATALOADER.NUM_WORKERS 1`\n"
