@@ -339,7 +339,7 @@ def test_a_run_is_finished_only_with_an_evaluation_at_its_last_iteration(tmp_pat
     (``--reuse`` in the benchmark scripts would otherwise report its mid-run AP)."""
     import json
 
-    from tid_d2.runs import has_final_ap
+    from tid_d2.runs import ap_curve, has_final_ap
 
     def metrics(*iterations):
         with open(tmp_path / "metrics.json", "w") as f:
@@ -355,3 +355,6 @@ def test_a_run_is_finished_only_with_an_evaluation_at_its_last_iteration(tmp_pat
     assert not has_final_ap(str(tmp_path), "tid_shapes_test")  # other dataset
     metrics(999, 1999, 2999)
     assert has_final_ap(str(tmp_path), "tid_shapes_val")
+    metrics(999, 1999, 3000)  # the evaluation after training is logged at MAX_ITER itself
+    assert has_final_ap(str(tmp_path), "tid_shapes_val")
+    assert [it for it, _ in ap_curve(str(tmp_path), "tid_shapes_val")] == [1000, 2000, 3000]

@@ -156,12 +156,16 @@ def _configured_max_iter(output_dir: str) -> Optional[int]:
 
 
 def ap_curve(output_dir: str, dataset: Optional[str] = None) -> List[tuple]:
-    """[(iteration, AP)] of every evaluation in metrics.json."""
+    """[(iterations trained, AP)] of every evaluation in metrics.json. A periodic evaluation is
+    logged at the step's index (999 after 1000 iterations), the one after training at MAX_ITER
+    itself: both count as MAX_ITER iterations trained, not MAX_ITER + 1."""
+    max_iter = _configured_max_iter(output_dir)
     out = []
     for record in read_metrics(output_dir):
         ap = _ap_key(record, dataset, "AP")
         if ap is not None:
-            out.append((record.get("iteration", 0) + 1, ap))
+            trained = record.get("iteration", 0) + 1
+            out.append((min(trained, max_iter) if max_iter else trained, ap))
     return out
 
 
