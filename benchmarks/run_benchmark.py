@@ -67,7 +67,7 @@ def _run_variant(args, fam, mode, seed, teacher_weights, out_root, extra):
         "VIS_PERIOD",
         "0",
     ] + extra
-    if args.reuse and has_final_ap(out, TEST):
+    if args.reuse and has_final_ap(out, TEST, iters=args.iters):
         secs = None
     else:
         secs = train_net(

@@ -184,8 +184,9 @@ def _final_losses(out):
     }
 
 
-def _finished_seeds(output, name):
-    """Seeds other than 0 with a finished run of setting ``name`` in ``output``."""
+def _finished_seeds(output, name, iters):
+    """Seeds other than 0 with a finished ``iters``-iteration run of setting ``name`` in
+    ``output``."""
     seeds = []
     prefix = f"{name}_s"
     for entry in os.listdir(output) if os.path.isdir(output) else []:
@@ -193,7 +194,7 @@ def _finished_seeds(output, name):
         if (
             entry.startswith(prefix)
             and seed.isdigit()
-            and has_final_ap(os.path.join(output, entry), VAL)
+            and has_final_ap(os.path.join(output, entry), VAL, iters=iters)
         ):
             seeds.append(int(seed))
     return seeds
@@ -206,9 +207,7 @@ def seed_rows(settings, records):
     by_name = {}
     for r in records:
         by_name.setdefault(r["name"], {})[r["seed"]] = r
-    base_runs = {
-        base_key(c, o): by_name[n] for n, c, o, _ in settings if not c.startswith("tid_")
-    }
+    base_runs = {base_key(c, o): by_name[n] for n, c, o, _ in settings if not c.startswith("tid_")}
     rows = []
     for name, config, opts, what in settings:
         runs = by_name[name]
@@ -269,7 +268,7 @@ def main(argv=None):
             full += ["SEED", str(seed)]
         if config.startswith("tid_"):  # a TIDDistiller config: the sweep's teacher
             full = ["TID.TEACHER.WEIGHTS", teacher] + full
-        if not (args.reuse and has_final_ap(out, VAL)):
+        if not (args.reuse and has_final_ap(out, VAL, iters=schedule(opts))):
             train_net(os.path.join(cfg_dir, config), out, full, label=name, quiet=True)
         shown = [os.path.relpath(o, REPO_ROOT) if o.startswith(REPO_ROOT) else o for o in full]
         cmd = (
@@ -287,7 +286,11 @@ def main(argv=None):
 
     jobs = [(s, seed) for s in settings for seed in args.seeds]
     if args.reuse:  # also every other seed already finished on disk, so one table holds all
-        jobs += [(s, seed) for s in settings for seed in _finished_seeds(args.output, s[0])]
+        jobs += [
+            (s, seed)
+            for s in settings
+            for seed in _finished_seeds(args.output, s[0], schedule(s[2]))
+        ]
         unique = {(j[0][0], j[1]): j for j in jobs}
         jobs = sorted(unique.values(), key=lambda j: (settings.index(j[0]), j[1]))
     with ThreadPoolExecutor(max_workers=args.parallel) as pool:

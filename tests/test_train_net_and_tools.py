@@ -358,3 +358,6 @@ def test_a_run_is_finished_only_with_an_evaluation_at_its_last_iteration(tmp_pat
     metrics(999, 1999, 3000)  # the evaluation after training is logged at MAX_ITER itself
     assert has_final_ap(str(tmp_path), "tid_shapes_val")
     assert [it for it, _ in ap_curve(str(tmp_path), "tid_shapes_val")] == [1000, 2000, 3000]
+    # a finished run of another schedule is not the run asked for
+    assert has_final_ap(str(tmp_path), "tid_shapes_val", iters=3000)
+    assert not has_final_ap(str(tmp_path), "tid_shapes_val", iters=1000)

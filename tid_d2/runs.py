@@ -133,16 +133,21 @@ def final_ap(output_dir: str, dataset: Optional[str] = None) -> Dict[str, float]
     raise RuntimeError(f"no bbox AP for {dataset or 'the test set'} in {output_dir}/metrics.json")
 
 
-def has_final_ap(output_dir: str, dataset: Optional[str] = None) -> bool:
+def has_final_ap(
+    output_dir: str, dataset: Optional[str] = None, iters: Optional[int] = None
+) -> bool:
     """Whether ``output_dir`` holds a finished run: an evaluation with bbox AP in metrics.json at
     the run's last iteration (``SOLVER.MAX_ITER`` of its ``config.yaml``), so that a run stopped
-    after a periodic evaluation is not taken for a finished one."""
+    after a periodic evaluation is not taken for a finished one; with ``iters``, only a run of
+    that schedule counts (a 1000-iteration run is not reused for a 3000-iteration request)."""
     records = read_metrics(output_dir)
-    iters = [r.get("iteration", 0) for r in records if _ap_key(r, dataset, "AP") is not None]
-    if not iters:
+    done = [r.get("iteration", 0) for r in records if _ap_key(r, dataset, "AP") is not None]
+    if not done:
         return False
     max_iter = _configured_max_iter(output_dir)
-    return max_iter is None or max(iters) + 1 >= max_iter
+    if iters is not None and max_iter != iters:
+        return False
+    return max_iter is None or max(done) + 1 >= max_iter
 
 
 def _configured_max_iter(output_dir: str) -> Optional[int]:
