@@ -140,14 +140,11 @@ def has_final_ap(
     the run's last iteration (``SOLVER.MAX_ITER`` of its ``config.yaml``), so that a run stopped
     after a periodic evaluation is not taken for a finished one; with ``iters``, only a run of
     that schedule counts (a 1000-iteration run is not reused for a 3000-iteration request)."""
-    records = read_metrics(output_dir)
-    done = [r.get("iteration", 0) for r in records if _ap_key(r, dataset, "AP") is not None]
-    if not done:
-        return False
     max_iter = _configured_max_iter(output_dir)
     if iters is not None and max_iter != iters:
         return False
-    return max_iter is None or max(done) + 1 >= max_iter
+    trained = [it for it, _ in ap_curve(output_dir, dataset)]
+    return bool(trained) and (max_iter is None or max(trained) >= max_iter)
 
 
 def _configured_max_iter(output_dir: str) -> Optional[int]:
