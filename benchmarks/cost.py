@@ -42,7 +42,7 @@ def _batch(cfg, n):
     return [mapper(d) for d in DatasetCatalog.get("tid_shapes_train")[:n]]
 
 
-def measure(family, what, steps, batch, teacher_weights, threads):
+def measure(family, what, steps, batch, teacher_weights, threads, opts=()):
     """Runs in the child process; prints one JSON line."""
     import torch
     from detectron2.modeling import build_model
@@ -55,6 +55,7 @@ def measure(family, what, steps, batch, teacher_weights, threads):
     torch.manual_seed(0)
     cfg = get_cfg()
     cfg.merge_from_file(os.path.join(REPO_ROOT, "configs", "shapes", f"tid_{family}.yaml"))
+    cfg.merge_from_list(list(opts))
     cfg.TID.TEACHER.WEIGHTS = teacher_weights
     cfg.TID.MODE = "tid" if what == "teacher" else what
     model = build_model(cfg)
@@ -116,12 +117,15 @@ def main(argv=None):
     p.add_argument("--modes", nargs="*", default=MODES)
     p.add_argument("--results", default=os.path.join(REPO_ROOT, "benchmarks", "results"))
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    p.add_argument(
+        "opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides, e.g. MODEL.DEVICE cuda"
+    )
     args = p.parse_args(argv)
     weights = args.teacher_weights or os.path.join(
         REPO_ROOT, "output", "bench", f"{args.family}_teacher", "model_final.pth"
     )
     if args.child:
-        measure(args.family, args.child, args.steps, args.batch, weights, args.threads)
+        measure(args.family, args.child, args.steps, args.batch, weights, args.threads, args.opts)
         return 0
     rows = {}
     for what in ["teacher"] + list(args.modes):
@@ -140,6 +144,7 @@ def main(argv=None):
             weights,
             "--child",
             what,
+            *args.opts,
         ]
         rows[what] = run_child(cmd, f"the cost of {what}")
         print(
@@ -161,9 +166,13 @@ def main(argv=None):
         if floor and what not in ("teacher", "none"):
             row["step / (student step + teacher inf.)"] = r["sec_per_iter"] / floor
         table.append(row)
+    device = (
+        args.opts[args.opts.index("MODEL.DEVICE") + 1] if "MODEL.DEVICE" in args.opts else "cpu"
+    )
+    peak = "torch.cuda.max_memory_allocated" if device.startswith("cuda") else "process peak RSS"
     md = (
-        f"Cost on identical batches ({args.family}, batch {args.batch}, {args.threads} threads, median of "
-        f"{args.steps} steps; CPU peak = process peak RSS):\n\n"
+        f"Cost on identical batches ({args.family}, {device}, batch {args.batch}, {args.threads} threads, median of "
+        f"{args.steps} steps; peak = {peak}):\n\n"
         + format_table(
             table,
             ["measured", "sec/iter", "peak MB", "step / (student step + teacher inf.)"],

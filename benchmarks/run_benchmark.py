@@ -88,7 +88,7 @@ def _run_variant(args, fam, mode, seed, teacher_weights, out_root, extra):
     return record
 
 
-def summarize(records, fam, teacher_ap, cost=None):
+def summarize(records, fam, teacher_ap, cost=None, teacher_iters=None):
     """Markdown: per variant, AP fields as mean ± sample std over seeds, the AP difference to the
     student alone paired by seed (mean ± std over the seeds both have), and the share of the
     teacher-student gap recovered."""
@@ -112,7 +112,8 @@ def summarize(records, fam, teacher_ap, cost=None):
         )
         rows.append(row)
     cols = ["variant", "seeds", *AP_FIELDS, "val AP", "AP - none", "gap recovered"]
-    text = f"### {fam}: COCO bbox AP on {TEST} (mean ± std over seeds); teacher AP {teacher_ap:.2f}\n\n"
+    sched = f" ({teacher_iters} iterations)" if teacher_iters else ""
+    text = f"### {fam}: COCO bbox AP on {TEST} (mean ± std over seeds); teacher AP {teacher_ap:.2f}{sched}\n\n"
     text += format_table(rows, cols)
     text += (
         "\n\n`AP - none`: AP minus the student alone's AP of the same seed, mean ± std over "
@@ -182,6 +183,12 @@ def main(argv=None):
     p.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
     p.add_argument("--iters", type=int, default=1000)
     p.add_argument(
+        "--teacher-iters",
+        type=int,
+        default=None,
+        help="teacher schedule (default: --iters); lets longer student schedules share a teacher",
+    )
+    p.add_argument(
         "--eval-period", type=int, default=250, help="val evaluation period (first seed)"
     )
     p.add_argument(
@@ -208,6 +215,7 @@ def main(argv=None):
         ]
         args.workers = 0
     fam = args.family
+    teacher_iters = args.teacher_iters or args.iters
 
     from tid_d2.data import ensure_generated
 
@@ -216,15 +224,15 @@ def main(argv=None):
     start = time.time()
     teacher_dir = os.path.join(args.output, f"{fam}_teacher")
     teacher_weights = os.path.join(teacher_dir, "model_final.pth")
-    if cached_teacher(teacher_dir, args.iters) is None:
+    if cached_teacher(teacher_dir, teacher_iters) is None:
         print(f"[bench] training the {fam} teacher once (cached in {teacher_dir})", flush=True)
         train_net(
             os.path.join(args.config_dir, f"{fam}_mnv2_teacher.yaml"),
             teacher_dir,
-            ["SOLVER.MAX_ITER", str(args.iters), "DATASETS.TEST", f"('{VAL}','{TEST}')"] + extra,
+            ["SOLVER.MAX_ITER", str(teacher_iters), "DATASETS.TEST", f"('{VAL}','{TEST}')"] + extra,
             label="teacher",
         )
-        mark_teacher(teacher_dir, args.iters)
+        mark_teacher(teacher_dir, teacher_iters)
     teacher_ap = final_ap(teacher_dir, TEST)["AP"]
 
     if args.parallel > 1:  # after the teacher, which runs alone and uses every core
@@ -243,11 +251,18 @@ def main(argv=None):
     suffix = "_quick" if args.quick else ""
     with open(os.path.join(args.results, f"{fam}{suffix}_runs.json"), "w") as f:
         json.dump(
-            {"teacher_AP": teacher_ap, "command": " ".join(sys.argv), "runs": records}, f, indent=1
+            {
+                "teacher_AP": teacher_ap,
+                "teacher_iterations": teacher_iters,
+                "command": " ".join(sys.argv),
+                "runs": records,
+            },
+            f,
+            indent=1,
         )
     cost_md = os.path.join(args.results, f"{fam}_cost.md")
     cost = open(cost_md).read() if os.path.isfile(cost_md) and not args.quick else None
-    text = summarize(records, fam, teacher_ap, cost)
+    text = summarize(records, fam, teacher_ap, cost, teacher_iters)
     text += f"\n\nCommand: `python benchmarks/run_benchmark.py {' '.join(sys.argv[1:])}`; wall time {(time.time() - start) / 60:.0f} min.\n"
     with open(os.path.join(args.results, f"{fam}{suffix}.md"), "w") as f:
         f.write(text)

@@ -34,6 +34,8 @@ def test_benchmark_quick_runs_every_variant(tmp_path):
         sys.executable,
         os.path.join(REPO, "benchmarks", "run_benchmark.py"),
         "--quick",
+        "--teacher-iters",
+        "3",
         "--output",
         str(tmp_path / "runs"),
         "--results",
@@ -48,6 +50,7 @@ def test_benchmark_quick_runs_every_variant(tmp_path):
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     data = json.load(open(tmp_path / "results" / "retinanet_quick_runs.json"))
+    assert data["teacher_iterations"] == 3
     modes = {r["mode"] for r in data["runs"]}
     assert modes == {"none", "fitnet", "gt_mask", "cls_only", "reg_only", "no_ldam", "tid"}
     for r in data["runs"]:
@@ -75,6 +78,32 @@ def test_benchmark_quick_runs_every_variant(tmp_path):
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     (rec,) = json.load(open(tmp_path / "results" / "retinanet_grad_norms.json"))
     assert rec["setting"] == "tid" and rec["grad_det"] > 0 and rec["grad_tid"] > 0
+
+    # the cost table, with config overrides reaching every measurement
+    cost = [
+        sys.executable,
+        os.path.join(REPO, "benchmarks", "cost.py"),
+        "--teacher-weights",
+        str(tmp_path / "runs" / "retinanet_teacher" / "model_final.pth"),
+        "--modes",
+        "none",
+        "tid",
+        "--steps",
+        "1",
+        "--batch",
+        "2",
+        "--threads",
+        "1",
+        "--results",
+        str(tmp_path / "results"),
+        *cmd[cmd.index("MODEL.FPN.OUT_CHANNELS") :],
+    ]
+    out = subprocess.run(cost, env=env, capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    rows = json.load(open(tmp_path / "results" / "retinanet_cost.json"))
+    assert set(rows) == {"teacher", "none", "tid"}
+    assert all(r["sec_per_iter"] > 0 and r["peak_mem_mb"] > 0 for r in rows.values())
+    assert "(retinanet, cpu, batch 2" in open(tmp_path / "results" / "retinanet_cost.md").read()
 
 
 def test_val_sweep_settings_are_valid_configs():
