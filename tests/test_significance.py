@@ -71,10 +71,12 @@ def test_match_to_gt_blocks_equal_unblocked(monkeypatch):
     assert torch.equal(full[1][0], blocked[1][0])
 
 
-def test_match_to_gt_batch_path_equals_per_image_path(monkeypatch):
-    """The one-matrix path for a whole batch (pairs across images masked) gives what the
-    per-image blocked path gives, including an image without GT and exact IoU ties."""
+def test_match_to_gt_batch_equals_per_image_reference(monkeypatch):
+    """The padded batch computation gives, image by image, what torchvision's 2-D box_iou gives
+    for that image alone (no match across images), with different prediction and GT counts per
+    image, an image without GT, exact IoU ties (first GT wins) and row blocks."""
     import tid_d2.modeling.significance as sig_mod
+    from torchvision.ops import box_iou
 
     g = torch.Generator().manual_seed(1)
 
@@ -84,15 +86,24 @@ def test_match_to_gt_batch_path_equals_per_image_path(monkeypatch):
 
     preds = [rand_boxes(40), rand_boxes(25), rand_boxes(30)]
     gts = [rand_boxes(3), torch.zeros(0, 4), rand_boxes(5)]
-    gts[2][1] = gts[2][0]  # two identical GT: the first one wins, on both paths
+    gts[2][1] = gts[2][0]  # two identical GT: the first one wins
     cls = [torch.randint(0, 6, (len(b),), generator=g) for b in gts]
     cls[2][1] = 5 if int(cls[2][0]) != 5 else 4
-    fast = match_to_gt(preds, gts, cls)
-    monkeypatch.setattr(sig_mod, "_IOU_BLOCK", 64)  # too small for the batch: per image, blocks
-    slow = match_to_gt(preds, gts, cls)
-    for a, b in zip(fast[0] + fast[1], slow[0] + slow[1]):
-        assert torch.equal(a, b)
-    assert fast[0][1].tolist() == [0.0] * 25 and fast[1][1].tolist() == [-1] * 25
+    whole = match_to_gt(preds, gts, cls)
+    monkeypatch.setattr(sig_mod, "_IOU_BLOCK", 64)  # 4 predictions per block
+    blocked = match_to_gt(preds, gts, cls)
+    for i, (p, gt, c) in enumerate(zip(preds, gts, cls)):
+        if len(gt) == 0:
+            want_iou, want_cls = torch.zeros(len(p)), torch.full((len(p),), -1)
+        else:
+            want_iou, j = box_iou(p, gt).max(dim=1)
+            want_cls = c[j]
+        for got in (whole, blocked):
+            assert got[0][i].shape == (len(p),)
+            assert torch.allclose(got[0][i], want_iou)
+            assert torch.equal(got[1][i], want_cls)
+    # the tie is exercised: some predictions' best GT is the identical pair (reference: first)
+    assert bool((box_iou(preds[2], gts[2]).max(dim=1).indices == 0).any())
 
 
 def test_classification_quality_sigmoid_and_softmax():

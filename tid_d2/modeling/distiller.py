@@ -317,13 +317,14 @@ class TIDDistiller(nn.Module):
         storage = _storage()
         iteration = storage.iter if storage is not None else 0
         s_feats = self.student_probe.features
-        for level in self.in_features:
-            if not torch.isfinite(s_feats[level]).all():
-                raise FloatingPointError(
-                    f"student FPN feature '{level}' has NaN/Inf at iteration {iteration}: the "
-                    "student diverged (lower SOLVER.BASE_LR, enable SOLVER.CLIP_GRADIENTS) or an "
-                    "input image has NaN/Inf. Raised before the optimizer step: weights unchanged."
-                )
+        finite = torch.stack([torch.isfinite(s_feats[lv]).all() for lv in self.in_features])
+        if not bool(finite.all()):  # one host sync for all levels
+            level = self.in_features[int((~finite).nonzero()[0])]
+            raise FloatingPointError(
+                f"student FPN feature '{level}' has NaN/Inf at iteration {iteration}: the "
+                "student diverged (lower SOLVER.BASE_LR, enable SOLVER.CLIP_GRADIENTS) or an "
+                "input image has NaN/Inf. Raised before the optimizer step: weights unchanged."
+            )
         maps = self._maps(batched_inputs)
         lam = self.lambda_now(iteration)
         losses = {}
@@ -434,19 +435,22 @@ class TIDDistiller(nn.Module):
     def _log(self, storage, maps, lam, batched_inputs):
         """Region shares, mean significance and (every vis_period) pictures into the storage."""
         valid, regions = maps["valid"], maps["regions"]
-        total = float(sum(v.sum() for v in valid.values()))
-        total = max(total, 1.0)
-        shares: Dict[str, float] = {}
-        for regs in regions.values():
-            for name, mask, _alpha in regs:
-                shares[name] = shares.get(name, 0.0) + float(mask.sum())
-        scalars = {f"tid/{name}_share": v / total for name, v in shares.items()}
-        scalars["tid/lambda"] = lam
+        # every statistic summed on the device and read back at once: one host sync per step
+        names = list(dict.fromkeys(name for regs in regions.values() for name, _, _ in regs))
+        sums = [torch.stack([v.sum() for v in valid.values()]).sum().float()]
+        for name in names:
+            masks = [m for regs in regions.values() for n, m, _ in regs if n == name]
+            sums.append(torch.stack([m.sum() for m in masks]).sum().float())
         sig_t, sig_s = maps["sig_teacher"], maps["sig_student"]
-        if sig_t is not None:
-            for who, sig in (("teacher", sig_t), ("student", sig_s)):
-                num = sum(float((sig[lv] * valid[lv]).sum()) for lv in self.in_features)
-                scalars[f"tid/sig_{who}_mean"] = num / total
+        whos = [] if sig_t is None else [("teacher", sig_t), ("student", sig_s)]
+        for _who, sig in whos:
+            sums.append(torch.stack([(sig[lv] * valid[lv]).sum() for lv in self.in_features]).sum())
+        total, *values = torch.stack(sums).tolist()
+        total = max(total, 1.0)
+        scalars = {f"tid/{name}_share": v / total for name, v in zip(names, values)}
+        scalars["tid/lambda"] = lam
+        for (who, _sig), v in zip(whos, values[len(names) :]):
+            scalars[f"tid/sig_{who}_mean"] = v / total
         storage.put_scalars(**scalars, smoothing_hint=True)
         if self.vis_period > 0 and storage.iter % self.vis_period == 0:
             from ..visualization import significance_panel

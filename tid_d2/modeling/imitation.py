@@ -102,10 +102,9 @@ def region_imitation_loss(
     if counts is None:
         counts = region_counts(regions)
     diff = (student.float() - teacher.float().detach()).pow(2).sum(dim=1)  # (N, H, W)
-    c_t = teacher.shape[1]
-    total = diff.new_zeros(())
-    for (_name, mask, alpha), count in zip(regions, counts):
-        if alpha == 0:
-            continue
-        total = total + alpha * (diff * mask.to(diff.dtype)).sum() / (count * c_t)
-    return total
+    with torch.no_grad():  # one weight per location: sum over its regions of alpha_r / |r|
+        weight = torch.zeros_like(diff)
+        for (_name, mask, alpha), count in zip(regions, counts):
+            if alpha != 0:
+                weight.add_(mask * (alpha / count))
+    return (diff * weight).sum() / teacher.shape[1]

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import List, Sequence, Tuple
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 from torchvision.ops import box_iou
 
 __all__ = [
@@ -26,13 +27,23 @@ __all__ = [
     "paint_boxes",
 ]
 
-# Upper bound of elements of one IoU block (predictions x GT boxes): 4M floats = 16 MB.
+# Upper bound of elements of one IoU block (images x predictions x GT boxes): 4M floats = 16 MB.
 _IOU_BLOCK = 1 << 22
-# Largest (all predictions x all GT of the batch) matrix built at once: it also computes the
-# pairs across images, (B - 1) / B of its work wasted, so it only pays below ~1 MB (it saves the
-# per-image calls); above, per-image blocks are faster (benchmarks/scaling.py: 100 GT per image,
-# 40 ms against 75-100 ms).
-_BATCH_MATRIX_MAX = 1 << 18
+
+
+def _batched_box_iou():
+    """torchvision's ``box_iou`` over a leading batch dimension: (N, M, 4) x (N, G, 4) ->
+    (N, M, G). Recent torchvision broadcasts over leading dimensions itself; older releases only
+    take 2-D inputs, so there it is vectorised with ``torch.vmap``."""
+    try:
+        if box_iou(torch.zeros(2, 1, 4), torch.zeros(2, 3, 4)).shape == (2, 1, 3):
+            return box_iou
+    except (IndexError, RuntimeError):
+        pass
+    return torch.vmap(box_iou)
+
+
+_box_iou_nmg = _batched_box_iou()
 
 
 @dataclass(frozen=True)
@@ -85,12 +96,12 @@ def tier(x: torch.Tensor, lo: float, hi: float, values: Sequence[float]) -> torc
 def match_to_gt(
     pred_boxes: List[torch.Tensor], gt_boxes: List[torch.Tensor], gt_classes: List[torch.Tensor]
 ) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
-    """Best-overlapping GT of every predicted box, image by image (as detectron2's matchers are).
+    """Best-overlapping GT of every predicted box, within its own image (as detectron2's matchers).
 
-    When the whole batch's (predictions x GT) matrix is small (``_BATCH_MATRIX_MAX`` elements),
-    one IoU matrix covers all images, pairs across images masked out; otherwise the IoU matrix is
-    built image by image in blocks of at most ``_IOU_BLOCK`` elements, so an image with thousands
-    of GT boxes needs a bounded amount of memory. Both paths give identical results.
+    Vectorised over the batch: predictions and GT are padded to the largest image's counts and
+    one (N, M, G) IoU tensor is built, in blocks of predictions so that a block has at most
+    ``_IOU_BLOCK`` elements (an image with thousands of GT boxes needs a bounded amount of
+    memory). Padded GT columns never win; ties go to the first GT of the image.
 
     Args:
         pred_boxes: per image, (M_i, 4) XYXY boxes.
@@ -100,58 +111,36 @@ def match_to_gt(
         iou_max: per image, (M_i,) fp32, 0 where the image has no GT.
         matched_class: per image, (M_i,) int64 class of the best GT, -1 where the image has no GT.
     """
-    total_m = sum(int(b.shape[0]) for b in pred_boxes)
-    total_g = sum(int(g.shape[0]) for g in gt_boxes)
-    if 0 < total_m * total_g <= min(_BATCH_MATRIX_MAX, _IOU_BLOCK):
-        return _match_batch_at_once(pred_boxes, gt_boxes, gt_classes)
-    ious, classes = [], []
-    for boxes, gts, cls in zip(pred_boxes, gt_boxes, gt_classes):
-        boxes = boxes.float()
-        m = boxes.shape[0]
-        best = torch.zeros(m, device=boxes.device)
-        best_cls = torch.full((m,), -1, dtype=torch.long, device=boxes.device)
-        if gts.numel() > 0 and m > 0:
-            gts = gts.float().to(boxes.device)
-            cls = cls.to(boxes.device)
-            best_idx = torch.zeros(m, dtype=torch.long, device=boxes.device)
-            rows = max(1, _IOU_BLOCK // max(1, gts.shape[0]))
-            cols = max(1, _IOU_BLOCK // rows)
-            for r0 in range(0, m, rows):
-                blk_best = torch.full((min(rows, m - r0),), -1.0, device=boxes.device)
-                blk_idx = torch.zeros_like(blk_best, dtype=torch.long)
-                for c0 in range(0, gts.shape[0], cols):
-                    # zero-area GT and predicted boxes give 0/0: count them as no overlap
-                    iou = box_iou(boxes[r0 : r0 + rows], gts[c0 : c0 + cols]).nan_to_num_(0.0)
-                    v, i = iou.max(dim=1)
-                    better = v > blk_best
-                    blk_best = torch.where(better, v, blk_best)
-                    blk_idx = torch.where(better, i + c0, blk_idx)
-                best[r0 : r0 + rows] = blk_best.clamp(min=0)
-                best_idx[r0 : r0 + rows] = blk_idx
-            best_cls = cls[best_idx]
-        ious.append(best)
-        classes.append(best_cls)
-    return ious, classes
-
-
-def _match_batch_at_once(pred_boxes, gt_boxes, gt_classes):
-    """:func:`match_to_gt` with a single (sum M_i, sum G_i) IoU matrix for the whole batch."""
+    n = len(pred_boxes)
+    if n == 0:
+        return [], []
     device = pred_boxes[0].device
-    boxes = torch.cat([b.float() for b in pred_boxes])
-    gts = torch.cat([g.float().to(device) for g in gt_boxes])
-    cls = torch.cat([c.to(device) for c in gt_classes])
-    image = torch.arange(len(pred_boxes), device=device)
-    img_p = image.repeat_interleave(torch.tensor([len(b) for b in pred_boxes], device=device))
-    img_g = image.repeat_interleave(torch.tensor([len(g) for g in gt_boxes], device=device))
-    # zero-area boxes give 0/0: no overlap; pairs of different images: -1, below any real IoU
-    iou = box_iou(boxes, gts).nan_to_num_(0.0)
-    iou.masked_fill_(img_p[:, None] != img_g[None, :], -1.0)
-    best, idx = iou.max(dim=1)
-    has_gt = best >= 0  # an image without GT has only masked (-1) columns
-    best = best.clamp(min=0)
-    best_cls = torch.where(has_gt, cls[idx], torch.full_like(idx, -1))
-    counts = [len(b) for b in pred_boxes]
-    return list(best.split(counts)), list(best_cls.split(counts))
+    counts = [int(b.shape[0]) for b in pred_boxes]
+    g_counts = torch.tensor([int(g.shape[0]) for g in gt_boxes], device=device)
+    g_max = max(int(g.shape[0]) for g in gt_boxes)
+    if g_max == 0 or max(counts) == 0:
+        best = torch.zeros(n, max(counts), device=device)
+        best_cls = torch.full((n, max(counts)), -1, dtype=torch.long, device=device)
+    else:
+        preds = pad_sequence(pred_boxes, batch_first=True).float()  # (N, M, 4)
+        gts = pad_sequence(gt_boxes, batch_first=True).to(device, torch.float32)  # (N, G, 4)
+        cls = pad_sequence(gt_classes, batch_first=True).to(device)  # (N, G)
+        padded_gt = torch.arange(g_max, device=device)[None, None, :] >= g_counts[:, None, None]
+        rows = max(1, _IOU_BLOCK // (n * g_max))
+        best_parts, idx_parts = [], []
+        for r0 in range(0, preds.shape[1], rows):
+            # zero-area boxes give 0/0: no overlap; padded GT: -1, below any real IoU
+            iou = _box_iou_nmg(preds[:, r0 : r0 + rows], gts).nan_to_num_(0.0)
+            v, i = iou.masked_fill_(padded_gt, -1.0).max(dim=2)
+            best_parts.append(v)
+            idx_parts.append(i)
+        best = torch.cat(best_parts, dim=1)  # (N, M); -1 in images without GT
+        idx = torch.cat(idx_parts, dim=1)
+        best_cls = torch.where(best >= 0, cls.gather(1, idx), torch.full_like(idx, -1))
+        best = best.clamp(min=0)
+    if len(set(counts)) == 1:
+        return list(best.unbind(0)), list(best_cls.unbind(0))
+    return [b[:m] for b, m in zip(best, counts)], [c[:m] for c, m in zip(best_cls, counts)]
 
 
 @torch.no_grad()
