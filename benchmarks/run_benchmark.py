@@ -37,7 +37,7 @@ from tid_d2.runs import (
     final_ap,
     fmt_mean_std,
     format_table,
-    has_final_ap,
+    reuse_state,
     mark_teacher,
     mean_std,
     train_net,
@@ -67,17 +67,20 @@ def _run_variant(args, fam, mode, seed, teacher_weights, out_root, extra):
         "VIS_PERIOD",
         "0",
     ] + extra
-    if args.reuse and has_final_ap(out, TEST, iters=args.iters):
-        secs = None
-    else:
+    config = os.path.join(args.config_dir, f"tid_{fam}.yaml")
+    state = reuse_state(out, config, opts, TEST, iters=args.iters) if args.reuse else "new"
+    secs = None
+    if state != "finished":
         secs = train_net(
-            os.path.join(args.config_dir, f"tid_{fam}.yaml"),
+            config,
             out,
             opts,
             label=f"{mode} s{seed}",
             quiet=args.parallel > 1,
+            resume=state == "resumable",
         )
     record = {"family": fam, "mode": mode, "seed": seed, "iterations": args.iters, "wall_s": secs}
+    record["resumed"] = state == "resumable"
     record.update({f: v for f, v in final_ap(out, TEST).items()})
     record.update({f"val_{f}": v for f, v in final_ap(out, VAL).items()})
     record["val_curve"] = ap_curve(out, VAL)
@@ -198,7 +201,11 @@ def main(argv=None):
     p.add_argument("--output", default=os.path.join(REPO_ROOT, "output", "bench"))
     p.add_argument("--results", default=os.path.join(REPO_ROOT, "benchmarks", "results"))
     p.add_argument("--config-dir", default=os.path.join(REPO_ROOT, "configs", "shapes"))
-    p.add_argument("--reuse", action="store_true", help="reuse finished runs found in --output")
+    p.add_argument(
+        "--reuse",
+        action="store_true",
+        help="reuse finished runs in --output and resume stopped ones (same settings only)",
+    )
     p.add_argument("--quick", action="store_true", help="every variant, 1 seed, a few iterations")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides for every run")
     args = p.parse_args(argv)

@@ -33,6 +33,7 @@ from tid_d2.runs import (  # noqa: E402
     fmt_mean_std,
     format_table,
     has_final_ap,
+    reuse_state,
     mark_teacher,
     mean_std,
     read_metrics,
@@ -236,7 +237,11 @@ def main(argv=None):
     p.add_argument("--parallel", type=int, default=2, help="runs at once (1 thread each if 2)")
     p.add_argument("--output", default=os.path.join(REPO_ROOT, "output", "sweep"))
     p.add_argument("--results", default=os.path.join(REPO_ROOT, "benchmarks", "results"))
-    p.add_argument("--reuse", action="store_true", help="reuse finished runs in --output")
+    p.add_argument(
+        "--reuse",
+        action="store_true",
+        help="reuse finished runs in --output and resume stopped ones (same settings only)",
+    )
     p.add_argument("--seeds", nargs="*", type=int, default=[0], help="SEED of each run")
     p.add_argument(
         "--name", default="retinanet_val_sweep", help="file stem of the results (.md / .json)"
@@ -268,8 +273,10 @@ def main(argv=None):
             full += ["SEED", str(seed)]
         if config.startswith("tid_"):  # a TIDDistiller config: the sweep's teacher
             full = ["TID.TEACHER.WEIGHTS", teacher] + full
-        if not (args.reuse and has_final_ap(out, VAL, iters=schedule(opts))):
-            train_net(os.path.join(cfg_dir, config), out, full, label=name, quiet=True)
+        config_file = os.path.join(cfg_dir, config)
+        state = reuse_state(out, config_file, full, VAL, schedule(opts)) if args.reuse else "new"
+        if state != "finished":
+            train_net(config_file, out, full, label=name, quiet=True, resume=state == "resumable")
         shown = [os.path.relpath(o, REPO_ROOT) if o.startswith(REPO_ROOT) else o for o in full]
         cmd = (
             f"python train_net.py --config-file configs/shapes/{config} "

@@ -361,3 +361,58 @@ def test_a_run_is_finished_only_with_an_evaluation_at_its_last_iteration(tmp_pat
     # a finished run of another schedule is not the run asked for
     assert has_final_ap(str(tmp_path), "tid_shapes_val", iters=3000)
     assert not has_final_ap(str(tmp_path), "tid_shapes_val", iters=1000)
+
+
+def test_reuse_state_requires_the_same_settings_and_tells_finished_from_resumable(tmp_path):
+    """``--reuse`` takes a folder's run only if its saved config is the one asked for now (a
+    folder trained with another loss weight is retrained, not reported), and resumes a stopped
+    run from its checkpoint instead of starting it again."""
+    import json
+
+    from tid_d2.config import get_cfg
+    from tid_d2.runs import reuse_state
+
+    config = os.path.join(REPO, "configs", "shapes", "tid_retinanet.yaml")
+    opts = ["SOLVER.MAX_ITER", "20", "TID.LOSS_WEIGHT", "0.01"]
+    out = str(tmp_path)
+    assert reuse_state(out, config, opts, "tid_shapes_val") == "new"  # nothing there
+    saved = get_cfg()
+    saved.merge_from_file(config)
+    saved.merge_from_list(opts + ["OUTPUT_DIR", "/elsewhere"])  # OUTPUT_DIR does not count
+    (tmp_path / "config.yaml").write_text(saved.dump())
+    assert reuse_state(out, config, opts, "tid_shapes_val") == "new"  # no checkpoint, no AP
+    (tmp_path / "last_checkpoint").write_text("model_0000009.pth")
+    assert reuse_state(out, config, opts, "tid_shapes_val") == "resumable"
+    with open(tmp_path / "metrics.json", "w") as f:
+        f.write(json.dumps({"iteration": 19, "tid_shapes_val/bbox/AP": 1.0}) + "\n")
+    assert reuse_state(out, config, opts, "tid_shapes_val") == "finished"
+    assert reuse_state(out, config, opts, "tid_shapes_val", iters=40) == "new"
+    other = ["SOLVER.MAX_ITER", "20", "TID.LOSS_WEIGHT", "0.1"]
+    assert reuse_state(out, config, other, "tid_shapes_val") == "new"
+
+
+def test_train_net_resumes_or_sets_an_old_runs_metrics_aside(tmp_path, monkeypatch):
+    """A fresh run in a used folder must not append to the old run's metrics.json (the readers
+    would mix both runs); a resumed run keeps it and passes --resume."""
+    import subprocess
+
+    from tid_d2 import runs
+
+    calls = []
+
+    class FakeProc:
+        def __init__(self, cmd, **kwargs):
+            calls.append(cmd)
+            self.stdout, self.returncode = iter(()), 0
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(subprocess, "Popen", FakeProc)
+    (tmp_path / "metrics.json").write_text('{"iteration": 1}\n')
+    runs.train_net("cfg.yaml", str(tmp_path), ["SEED", "1"], resume=True)
+    assert "--resume" in calls[-1] and (tmp_path / "metrics.json").is_file()
+    runs.train_net("cfg.yaml", str(tmp_path), ["SEED", "1"])
+    assert "--resume" not in calls[-1] and not (tmp_path / "metrics.json").exists()
+    (backup,) = tmp_path.glob("metrics.json.*.bak")
+    assert backup.read_text() == '{"iteration": 1}\n'

@@ -15,6 +15,7 @@ import yaml
 __all__ = [
     "REPO_ROOT",
     "train_net",
+    "reuse_state",
     "read_metrics",
     "final_ap",
     "ap_curve",
@@ -38,9 +39,15 @@ def train_net(
     eval_only: bool = False,
     label: str = "",
     quiet: bool = False,
+    resume: bool = False,
 ) -> float:
     """Run ``train_net.py`` in a subprocess; its full log goes to ``output_dir/train_net.log``,
     and one progress line per logging period (iteration, total loss, ETA) to stdout.
+
+    ``resume`` continues from ``output_dir/last_checkpoint`` (``--resume``). A fresh training run
+    in a folder that holds an earlier run's ``metrics.json`` first renames that file to
+    ``metrics.json.<time>.bak``: detectron2 appends to it, and the results readers would otherwise
+    mix both runs' evaluations.
 
     Returns:
         wall-clock seconds. Raises ``RuntimeError`` with the log's tail if the run fails.
@@ -49,7 +56,12 @@ def train_net(
     cmd = [sys.executable, os.path.join(REPO_ROOT, "train_net.py"), "--config-file", config_file]
     if eval_only:
         cmd.append("--eval-only")
+    if resume:
+        cmd.append("--resume")
     cmd += ["OUTPUT_DIR", output_dir, *opts]
+    metrics = os.path.join(output_dir, "metrics.json")
+    if not (eval_only or resume) and os.path.isfile(metrics):
+        os.replace(metrics, f"{metrics}.{int(time.time())}.bak")
     log_path = os.path.join(output_dir, "train_net.log")
     start = time.time()
     tail: List[str] = []
@@ -145,6 +157,43 @@ def has_final_ap(
         return False
     trained = [it for it, _ in ap_curve(output_dir, dataset)]
     return bool(trained) and (max_iter is None or max(trained) >= max_iter)
+
+
+def reuse_state(
+    output_dir: str,
+    config_file: str,
+    opts: Sequence[str],
+    dataset: Optional[str] = None,
+    iters: Optional[int] = None,
+) -> str:
+    """What ``--reuse`` may do with ``output_dir`` for the run ``train_net.py --config-file
+    config_file opts``: "finished" (its final evaluation is there), "resumable" (stopped, with a
+    checkpoint to continue from) or "new" (no run, or one with other settings: train afresh).
+
+    The run's saved ``config.yaml`` must equal what ``config_file`` + ``opts`` give now (OUTPUT_DIR
+    aside), so a folder trained with another loss weight, schedule or config file is never taken
+    for this run, however the folder is named.
+    """
+    saved = os.path.join(output_dir, "config.yaml")
+    if not os.path.isfile(saved):
+        return "new"
+    from .config import get_cfg
+
+    want = get_cfg()
+    want.merge_from_file(config_file)
+    want.merge_from_list(list(opts))
+    want = yaml.safe_load(want.dump())
+    with open(saved) as f:
+        have = yaml.safe_load(f) or {}
+    want.pop("OUTPUT_DIR", None)
+    have.pop("OUTPUT_DIR", None)
+    if want != have or (iters is not None and _configured_max_iter(output_dir) != iters):
+        return "new"
+    if has_final_ap(output_dir, dataset):
+        return "finished"
+    if os.path.isfile(os.path.join(output_dir, "last_checkpoint")):
+        return "resumable"
+    return "new"
 
 
 def _configured_max_iter(output_dir: str) -> Optional[int]:
