@@ -58,48 +58,33 @@ def test_benchmark_quick_runs_every_variant(tmp_path):
     text = open(tmp_path / "results" / "retinanet_quick.md").read()
     assert "| tid |" in text and "gap recovered" in text
 
-    # the gradient-norm diagnostic, against the teacher the quick run trained
-    grad = [
-        sys.executable,
-        os.path.join(REPO, "benchmarks", "grad_norms.py"),
-        "--teacher-weights",
-        str(tmp_path / "runs" / "retinanet_teacher" / "model_final.pth"),
-        "--setting",
-        "tid TID.MODE tid TID.LOSS_WEIGHT 0.1",
-        "--batches",
-        "1",
-        "--results",
-        str(tmp_path / "results"),
-        *cmd[cmd.index("MODEL.FPN.OUT_CHANNELS") :],
-        "SOLVER.IMS_PER_BATCH",
-        "2",
-    ]
-    out = subprocess.run(grad, env=env, capture_output=True, text=True, cwd=REPO)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    tiny = cmd[cmd.index("MODEL.FPN.OUT_CHANNELS") :]
+    teacher = str(tmp_path / "runs" / "retinanet_teacher" / "model_final.pth")
+
+    def run_tool(script, *args):
+        """A benchmark script against the teacher the quick run trained, on the same tiny models
+        (config overrides last)."""
+        argv = [sys.executable, os.path.join(REPO, "benchmarks", script), "--teacher-weights"]
+        argv += [teacher, "--results", str(tmp_path / "results"), *args]
+        out = subprocess.run(argv, env=env, capture_output=True, text=True, cwd=REPO)
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+
+    # the gradient-norm diagnostic
+    run_tool(
+        "grad_norms.py",
+        *["--setting", "tid TID.MODE tid TID.LOSS_WEIGHT 0.1", "--batches", "1"],
+        *tiny,
+        *["SOLVER.IMS_PER_BATCH", "2"],
+    )
     (rec,) = json.load(open(tmp_path / "results" / "retinanet_grad_norms.json"))
     assert rec["setting"] == "tid" and rec["grad_det"] > 0 and rec["grad_tid"] > 0
 
     # the cost table, with config overrides reaching every measurement
-    cost = [
-        sys.executable,
-        os.path.join(REPO, "benchmarks", "cost.py"),
-        "--teacher-weights",
-        str(tmp_path / "runs" / "retinanet_teacher" / "model_final.pth"),
-        "--modes",
-        "none",
-        "tid",
-        "--steps",
-        "1",
-        "--batch",
-        "2",
-        "--threads",
-        "1",
-        "--results",
-        str(tmp_path / "results"),
-        *cmd[cmd.index("MODEL.FPN.OUT_CHANNELS") :],
-    ]
-    out = subprocess.run(cost, env=env, capture_output=True, text=True, cwd=REPO)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    run_tool(
+        "cost.py",
+        *["--modes", "none", "tid", "--steps", "1", "--batch", "2", "--threads", "1"],
+        *tiny,
+    )
     rows = json.load(open(tmp_path / "results" / "retinanet_cost.json"))
     assert set(rows) == {"teacher", "none", "tid"}
     assert all(r["sec_per_iter"] > 0 and r["peak_mem_mb"] > 0 for r in rows.values())
