@@ -313,3 +313,10 @@ def test_feature_normalisation():
     assert torch.allclose(normalize_features(5 * x - 2, "channel"), y, atol=1e-4)
     with pytest.raises(ValueError, match="FEATURE_NORM"):
         normalize_features(x, "batch")
+    # a 1x1 level (P7 of a small image): zeros, not NaN, and no degrees-of-freedom warning
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        one = normalize_features(torch.randn(2, 3, 1, 1, generator=g), "channel")
+    assert torch.equal(one, torch.zeros(2, 3, 1, 1))

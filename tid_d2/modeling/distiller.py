@@ -18,6 +18,7 @@ from torch import nn
 
 from .imitation import (
     FeatureAdapters,
+    check_feature_norm,
     normalize_features,
     region_counts,
     region_imitation_loss,
@@ -140,8 +141,7 @@ class TIDDistiller(nn.Module):
         self.region_normalize = region_normalize
         self.region_params = region_params
         self.vis_period = vis_period
-        normalize_features(torch.zeros(1, 1, 1, 1), feature_norm)  # validates the mode
-        self.feature_norm = feature_norm
+        self.feature_norm = check_feature_norm(feature_norm)
         # Not registered: kept out of state_dict, parameters(), the optimizer and DDP.
         self.__dict__["teacher"] = teacher
         self.teacher_cfg = teacher_cfg

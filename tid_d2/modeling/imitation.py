@@ -11,7 +11,13 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-__all__ = ["FeatureAdapters", "normalize_features", "region_counts", "region_imitation_loss"]
+__all__ = [
+    "FeatureAdapters",
+    "check_feature_norm",
+    "normalize_features",
+    "region_counts",
+    "region_imitation_loss",
+]
 
 
 class FeatureAdapters(nn.Module):
@@ -40,15 +46,24 @@ class FeatureAdapters(nn.Module):
         return self.adapters[level](x) if level in self.adapters else x
 
 
-def normalize_features(x: torch.Tensor, mode: str) -> torch.Tensor:
-    """``mode`` "none": x; "channel": (N, C, H, W) -> zero mean, unit std per image and channel."""
-    if mode == "none":
-        return x
-    if mode != "channel":
+FEATURE_NORMS = ("none", "channel")
+
+
+def check_feature_norm(mode: str) -> str:
+    """``mode`` if it is a ``TID.FEATURE_NORM`` value, else a ValueError naming the choices."""
+    if mode not in FEATURE_NORMS:
         raise ValueError(f"TID.FEATURE_NORM must be 'none' or 'channel', got {mode!r}")
+    return mode
+
+
+def normalize_features(x: torch.Tensor, mode: str) -> torch.Tensor:
+    """``mode`` "none": x; "channel": (N, C, H, W) -> zero mean, unit std per image and channel
+    (sample std; a 1x1 level, e.g. P7 of a small image, has nothing left after the mean: 0)."""
+    if check_feature_norm(mode) == "none":
+        return x
     x = x.float()
     mean = x.mean(dim=(2, 3), keepdim=True)
-    std = x.std(dim=(2, 3), keepdim=True)
+    std = x.std(dim=(2, 3), keepdim=True, correction=1 if x.shape[2] * x.shape[3] > 1 else 0)
     return (x - mean) / (std + 1e-6)
 
 
