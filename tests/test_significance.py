@@ -65,7 +65,7 @@ def test_match_to_gt_blocks_equal_unblocked(monkeypatch):
     gts = torch.cat([gxy, gxy + 5 + torch.rand(57, 2, generator=g) * 30], 1)
     cls = torch.randint(0, 5, (57,), generator=g)
     full = match_to_gt([boxes], [gts], [cls])
-    monkeypatch.setattr(sig_mod, "_IOU_BLOCK", 100)  # forces 2-row x 50-col blocks
+    monkeypatch.setattr(sig_mod, "_IOU_BLOCK", 100)  # 1 prediction x 57 GT per block
     blocked = match_to_gt([boxes], [gts], [cls])
     assert torch.equal(full[0][0], blocked[0][0])
     assert torch.equal(full[1][0], blocked[1][0])
@@ -320,3 +320,19 @@ def test_feature_normalisation():
         warnings.simplefilter("error")
         one = normalize_features(torch.randn(2, 3, 1, 1, generator=g), "channel")
     assert torch.equal(one, torch.zeros(2, 3, 1, 1))
+
+
+def test_batched_box_iou_fallback_matches_torchvision():
+    """Older torchvision's 2-D-only box_iou is vectorised over images with torch.vmap: it gives
+    what the batched call gives (and the per-image 2-D calls)."""
+    import tid_d2.modeling.significance as sig_mod
+    from torchvision.ops import box_iou
+
+    g = torch.Generator().manual_seed(3)
+    xy = torch.rand(3, 7, 2, generator=g) * 50
+    a = torch.cat([xy, xy + 1 + torch.rand(3, 7, 2, generator=g) * 20], -1)
+    xy = torch.rand(3, 4, 2, generator=g) * 50
+    b = torch.cat([xy, xy + 1 + torch.rand(3, 4, 2, generator=g) * 20], -1)
+    want = torch.stack([box_iou(x, y) for x, y in zip(a, b)])
+    assert torch.allclose(torch.vmap(box_iou)(a, b), want)
+    assert torch.allclose(sig_mod._box_iou_nmg(a, b), want)
