@@ -416,3 +416,18 @@ def test_train_net_resumes_or_sets_an_old_runs_metrics_aside(tmp_path, monkeypat
     assert "--resume" not in calls[-1] and not (tmp_path / "metrics.json").exists()
     (backup,) = tmp_path.glob("metrics.json.*.bak")
     assert backup.read_text() == '{"iteration": 1}\n'
+
+
+def test_plot_training_series_of_a_resumed_run_keep_one_point_per_iteration():
+    """A resumed run logs the iterations after its checkpoint again: one point per iteration
+    (the later record), in iteration order, so the curve does not double back."""
+    tool = _load("plot_training", os.path.join(REPO, "tools", "plot_training.py"))
+    records = [
+        {"iteration": 19, "loss_cls": 1.0},
+        {"iteration": 39, "loss_cls": 0.9},
+        {"iteration": 19, "loss_cls": 0.95},  # resumed from the checkpoint before iteration 20
+        {"iteration": 39, "loss_cls": 0.8},
+        {"iteration": 59, "loss_cls": 0.7, "lr": 0.1},
+    ]
+    series = tool._series(records, lambda k: k.startswith("loss"))
+    assert series == {"loss_cls": [(20, 0.95), (40, 0.8), (60, 0.7)]}

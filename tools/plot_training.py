@@ -16,14 +16,16 @@ from tid_d2.runs import read_metrics  # noqa: E402
 
 
 def _series(records, key_pred):
+    """{key: [(iteration, value)]} sorted by iteration. A resumed run logs the iterations after its
+    last checkpoint again: the later record of an iteration wins."""
     out = {}
     for r in records:
         if "iteration" not in r:
             continue
         for k, v in r.items():
             if key_pred(k) and isinstance(v, (int, float)):
-                out.setdefault(k, []).append((r["iteration"] + 1, v))
-    return out
+                out.setdefault(k, {})[r["iteration"] + 1] = v
+    return {k: sorted(points.items()) for k, points in out.items()}
 
 
 def plot(run_dirs, labels, output):
