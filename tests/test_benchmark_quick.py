@@ -90,6 +90,19 @@ def test_benchmark_quick_runs_every_variant(tmp_path):
     assert all(r["sec_per_iter"] > 0 and r["peak_mem_mb"] > 0 for r in rows.values())
     assert "(retinanet, cpu, batch 2" in open(tmp_path / "results" / "retinanet_cost.md").read()
 
+    # per-level feature scale of the trained students (a TID checkpoint into the plain student)
+    stats = [sys.executable, os.path.join(REPO, "benchmarks", "feature_stats.py")]
+    stats += [str(tmp_path / "runs" / f"retinanet_{m}_s0") for m in ("none", "tid")]
+    stats += ["--config", os.path.join(REPO, "configs", "shapes", "retinanet_r18_student.yaml")]
+    stats += ["--images", "2", "--results", str(tmp_path / "results"), "--opts", *tiny]
+    out = subprocess.run(stats, env=env, capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    levels = json.load(open(tmp_path / "results" / "feature_stats.json"))
+    assert len(levels) == 2
+    for per_level in levels.values():
+        assert set(per_level) == {"p3", "p4", "p5", "p6", "p7"}
+        assert all(rms > 0 and std >= 0 for rms, std in per_level.values())
+
 
 def test_val_sweep_settings_are_valid_configs():
     """Every setting of benchmarks/val_sweep.py names a shipped config and overrides that merge
