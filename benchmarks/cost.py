@@ -98,6 +98,7 @@ def measure(family, what, steps, batch, teacher_weights, threads, opts=()):
         json.dumps(
             {
                 "what": what,
+                "device": device.type,
                 "sec_per_iter": statistics.median(times),
                 "peak_mem_mb": peak_memory_mb(device),
             }
@@ -166,10 +167,8 @@ def main(argv=None):
         if floor and what not in ("teacher", "none"):
             row["step / (student step + teacher inf.)"] = r["sec_per_iter"] / floor
         table.append(row)
-    device = (
-        args.opts[args.opts.index("MODEL.DEVICE") + 1] if "MODEL.DEVICE" in args.opts else "cpu"
-    )
-    peak = "torch.cuda.max_memory_allocated" if device.startswith("cuda") else "process peak RSS"
+    device = rows["teacher"]["device"]  # as the measurements' config resolved it
+    peak = "torch.cuda.max_memory_allocated" if device == "cuda" else "process peak RSS"
     md = (
         f"Cost on identical batches ({args.family}, {device}, batch {args.batch}, {args.threads} threads, median of "
         f"{args.steps} steps; peak = {peak}):\n\n"

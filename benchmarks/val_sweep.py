@@ -45,69 +45,67 @@ VAL = "tid_shapes_val"
 STUDENT = "retinanet_r18_student.yaml"
 TID = "tid_retinanet.yaml"
 
+
+def imitate(mode, loss_weight, *extra):
+    """Overrides of one imitation setting: ``TID.MODE mode TID.LOSS_WEIGHT loss_weight extra...``."""
+    return ["TID.MODE", mode, "TID.LOSS_WEIGHT", loss_weight, *extra]
+
+
+ALL_LEVELS = ("TID.REGION.NORMALIZE", "all_levels")
 # the three remedies that together made imitation harmless at lambda 0.01 (seed 0, then 3 seeds)
-ALL_CH_AW = [
-    "TID.MODE",
-    "tid",
-    "TID.LOSS_WEIGHT",
-    "0.01",
-    "TID.REGION.NORMALIZE",
-    "all_levels",
-    "TID.FEATURE_NORM",
-    "channel",
-    "TID.ADAPTER_WARMUP_ITERS",
-    "300",
-]
+ALL_CH_AW = imitate(
+    "tid", "0.01", *ALL_LEVELS, "TID.FEATURE_NORM", "channel", "TID.ADAPTER_WARMUP_ITERS", "300"
+)
 # three times the shipped schedule, with the val AP at every 1000 iterations
 LONG = ["SOLVER.MAX_ITER", "3000", "TEST.EVAL_PERIOD", "1000"]
 
 # (name, config in configs/shapes, overrides, what it tests)
 SETTINGS = [
     ("none", STUDENT, [], "student alone"),
-    ("fitnet_l1", TID, ["TID.MODE", "fitnet", "TID.LOSS_WEIGHT", "1.0"], "uniform imitation"),
+    ("fitnet_l1", TID, imitate("fitnet", "1.0"), "uniform imitation"),
     (
         "fitnet_l0.13",
         TID,
-        ["TID.MODE", "fitnet", "TID.LOSS_WEIGHT", "0.13"],
+        imitate("fitnet", "0.13"),
         "uniform, initial loss ~2.2 (scale measured in dependencies.md)",
     ),
-    ("tid_l0.1", TID, ["TID.MODE", "tid", "TID.LOSS_WEIGHT", "0.1"], "TID, lambda 0.1"),
-    ("tid_l0.01", TID, ["TID.MODE", "tid", "TID.LOSS_WEIGHT", "0.01"], "TID, lambda 0.01"),
-    ("tid_l0.001", TID, ["TID.MODE", "tid", "TID.LOSS_WEIGHT", "0.001"], "TID, lambda 0.001"),
+    ("tid_l0.1", TID, imitate("tid", "0.1"), "TID, lambda 0.1"),
+    ("tid_l0.01", TID, imitate("tid", "0.01"), "TID, lambda 0.01"),
+    ("tid_l0.001", TID, imitate("tid", "0.001"), "TID, lambda 0.001"),
     (
         "tid_ch_l0.03",
         TID,
-        ["TID.MODE", "tid", "TID.LOSS_WEIGHT", "0.03", "TID.FEATURE_NORM", "channel"],
+        imitate("tid", "0.03", "TID.FEATURE_NORM", "channel"),
         "TID, per-channel feature standardisation",
     ),
     (
         "tid_l0.01_aw300",
         TID,
-        ["TID.MODE", "tid", "TID.LOSS_WEIGHT", "0.01", "TID.ADAPTER_WARMUP_ITERS", "300"],
+        imitate("tid", "0.01", "TID.ADAPTER_WARMUP_ITERS", "300"),
         "TID, adapters trained alone for 300 iterations",
     ),
     (
         "tid_l0.01_p345",
         TID,
-        ["TID.MODE", "tid", "TID.LOSS_WEIGHT", "0.01", "TID.IN_FEATURES", '["p3","p4","p5"]'],
+        imitate("tid", "0.01", "TID.IN_FEATURES", '["p3","p4","p5"]'),
         "TID on p3-p5 only",
     ),
     (
         "tid_l0.01_all",
         TID,
-        ["TID.MODE", "tid", "TID.LOSS_WEIGHT", "0.01", "TID.REGION.NORMALIZE", "all_levels"],
+        imitate("tid", "0.01", *ALL_LEVELS),
         "TID, each region normalised over all levels",
     ),
     (
         "tid_l0.05_all",
         TID,
-        ["TID.MODE", "tid", "TID.LOSS_WEIGHT", "0.05", "TID.REGION.NORMALIZE", "all_levels"],
+        imitate("tid", "0.05", *ALL_LEVELS),
         "TID, each region normalised over all levels",
     ),
     (
         "tid_l0.003_all",
         TID,
-        ["TID.MODE", "tid", "TID.LOSS_WEIGHT", "0.003", "TID.REGION.NORMALIZE", "all_levels"],
+        imitate("tid", "0.003", *ALL_LEVELS),
         "TID, all-levels normalisation, lambda 0.003",
     ),
     (
@@ -119,27 +117,17 @@ SETTINGS = [
     (
         "fitnet_all_l0.3",
         TID,
-        ["TID.MODE", "fitnet", "TID.LOSS_WEIGHT", "0.3", "TID.REGION.NORMALIZE", "all_levels"],
+        imitate("fitnet", "0.3", *ALL_LEVELS),
         "uniform, every location the same weight, initial loss ~2 (dependencies.md scale)",
     ),
     (
         "fitnet_all_l0.03",
         TID,
-        ["TID.MODE", "fitnet", "TID.LOSS_WEIGHT", "0.03", "TID.REGION.NORMALIZE", "all_levels"],
+        imitate("fitnet", "0.03", *ALL_LEVELS),
         "uniform, every location the same weight, lambda 0.03",
     ),
-    (
-        "none_3k",
-        STUDENT,
-        LONG,
-        "student alone, 3000 iterations",
-    ),
-    (
-        "tid_l0.01_all_ch_aw_3k",
-        TID,
-        ALL_CH_AW + LONG,
-        "as tid_l0.01_all_ch_aw, 3000 iterations",
-    ),
+    ("none_3k", STUDENT, LONG, "student alone, 3000 iterations"),
+    ("tid_l0.01_all_ch_aw_3k", TID, ALL_CH_AW + LONG, "as tid_l0.01_all_ch_aw, 3000 iterations"),
     (
         "mnv2s_none",
         "retinanet_mnv2_fpn64_student.yaml",
@@ -149,7 +137,7 @@ SETTINGS = [
     (
         "mnv2s_tid_l0.01",
         "tid_retinanet_mnv2_student.yaml",
-        ["TID.MODE", "tid", "TID.LOSS_WEIGHT", "0.01"],
+        imitate("tid", "0.01"),
         "pretrained MobileNetV2-FPN64 student, TID lambda 0.01",
     ),
 ]
