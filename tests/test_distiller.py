@@ -190,6 +190,32 @@ def test_repeated_batch_gives_same_tid_loss(tmp_path, normalize):
         assert sum(one[k].item() for k in tid) < sum(per_level[k].item() for k in tid)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_student_with_the_teachers_weights_has_zero_loss_and_equal_significance(tmp_path, family):
+    """Self-distillation identity: a student built from the teacher's config and loaded with its
+    weights sees the same images as the teacher (format, normalisation, padding), so its features,
+    significance and regions equal the teacher's and L_tid is exactly 0."""
+    cfg = tid_cfg(str(tmp_path), family, "tid", teacher_width=16, student_width=16)
+    cfg.TID.REGION.WEIGHTS = [1.0, 1.0, 1.0]  # every location counts in the loss
+    model = build_model(cfg)
+    state = torch.load(cfg.TID.TEACHER.WEIGHTS, weights_only=True)["model"]
+    model.load_state_dict(state)  # plain student keys load into the distiller
+    model.train()
+    for m in model.student.modules():  # the teacher runs BN on running statistics
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.eval()
+    batch = random_inputs(2, 64, boxes_per_image=3, seed=5)
+    with EventStorage(0), torch.no_grad():
+        losses = model(batch)
+        maps = model.inspect(batch)
+    tid = [k for k in losses if k.startswith("loss_tid_")]
+    assert tid and all(losses[k].item() == 0.0 for k in tid), {k: losses[k].item() for k in tid}
+    for level in model.in_features:
+        assert torch.equal(maps["sig_teacher"][level], maps["sig_student"][level]), level
+        names = [name for name, _, _ in maps["regions"][level]]
+        assert "weak" in names and not maps["regions"][level][names.index("weak")][1].any()
+
+
 def test_heterogeneous_teacher_student(tmp_path):
     """ResNet teacher (BGR, FPN 32) -> MobileNetV2 student (RGB, FPN 16)."""
     tcfg = tiny_cfg("RetinaNet", width=32)
