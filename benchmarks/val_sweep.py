@@ -44,6 +44,8 @@ from tid_d2.runs import (  # noqa: E402
 VAL = "tid_shapes_val"
 STUDENT = "retinanet_r18_student.yaml"
 TID = "tid_retinanet.yaml"
+TEACHER = "retinanet_mnv2_teacher.yaml"
+SELF = "tid_retinanet_self.yaml"
 
 
 def imitate(mode, loss_weight, *extra):
@@ -140,11 +142,25 @@ SETTINGS = [
         imitate("tid", "0.01"),
         "pretrained MobileNetV2-FPN64 student, TID lambda 0.01",
     ),
+    # self-distillation: the student has the teacher's architecture (identity adapters)
+    ("self_none", TEACHER, [], "teacher architecture alone (MobileNetV2-FPN128, ImageNet init)"),
+    ("self_fitnet_l0.01", SELF, imitate("fitnet", "0.01"), "self-distillation, uniform imitation"),
+    ("self_tid_l0.01", SELF, imitate("tid", "0.01"), "self-distillation, TID lambda 0.01"),
+    (
+        "self_tid_l0.01_conv",
+        SELF,
+        imitate("tid", "0.01", "TID.ADAPTER", "conv"),
+        "self-distillation, TID lambda 0.01 through a 1x1 conv adapter",
+    ),
 ]
 
 
 # the student-alone config each TID config is compared with
-_STUDENT_OF = {TID: STUDENT, "tid_retinanet_mnv2_student.yaml": "retinanet_mnv2_fpn64_student.yaml"}
+_STUDENT_OF = {
+    TID: STUDENT,
+    "tid_retinanet_mnv2_student.yaml": "retinanet_mnv2_fpn64_student.yaml",
+    SELF: TEACHER,
+}
 
 
 def cfg_for_base(config):
@@ -245,7 +261,7 @@ def main(argv=None):
     teacher_dir = os.path.join(args.output, "teacher")
     if cached_teacher(teacher_dir, 1000) is None:
         train_net(
-            os.path.join(cfg_dir, "retinanet_mnv2_teacher.yaml"),
+            os.path.join(cfg_dir, TEACHER),
             teacher_dir,
             ["DATALOADER.NUM_WORKERS", "1"],
             label="teacher",

@@ -389,6 +389,16 @@ def test_reuse_state_requires_the_same_settings_and_tells_finished_from_resumabl
     assert reuse_state(out, config, opts, "tid_shapes_val", iters=40) == "new"
     other = ["SOLVER.MAX_ITER", "20", "TID.LOSS_WEIGHT", "0.1"]
     assert reuse_state(out, config, other, "tid_shapes_val") == "new"
+    # the same teacher file named relative to the repository (train_net.py's working directory)
+    # or absolutely is the same setting; another file is not
+    teacher = ["TID.TEACHER.WEIGHTS", "output/t/model_final.pth"]
+    saved.merge_from_list(teacher)
+    (tmp_path / "config.yaml").write_text(saved.dump())
+    absolute = ["TID.TEACHER.WEIGHTS", os.path.join(REPO, "output", "t", "model_final.pth")]
+    assert reuse_state(out, config, opts + absolute, "tid_shapes_val") == "finished"
+    assert reuse_state(out, config, opts + teacher, "tid_shapes_val") == "finished"
+    elsewhere = ["TID.TEACHER.WEIGHTS", "output/u/model_final.pth"]
+    assert reuse_state(out, config, opts + elsewhere, "tid_shapes_val") == "new"
 
 
 def test_train_net_resumes_or_sets_an_old_runs_metrics_aside(tmp_path, monkeypatch):

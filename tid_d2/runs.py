@@ -185,8 +185,9 @@ def reuse_state(
     want = yaml.safe_load(want.dump())
     with open(saved) as f:
         have = yaml.safe_load(f) or {}
-    want.pop("OUTPUT_DIR", None)
-    have.pop("OUTPUT_DIR", None)
+    for cfg in (want, have):
+        cfg.pop("OUTPUT_DIR", None)
+        _absolute_paths(cfg)
     if want != have or (iters is not None and _configured_max_iter(output_dir) != iters):
         return "new"
     if has_final_ap(output_dir, dataset):
@@ -194,6 +195,26 @@ def reuse_state(
     if os.path.isfile(os.path.join(output_dir, "last_checkpoint")):
         return "resumable"
     return "new"
+
+
+# files a run reads, which a command may name relative to train_net.py's working directory
+_PATH_KEYS = (
+    ("MODEL", "WEIGHTS"),
+    ("TID", "TEACHER", "WEIGHTS"),
+    ("TID", "TEACHER", "CONFIG_FILE"),
+)
+
+
+def _absolute_paths(cfg: dict) -> None:
+    """Spell the files in ``_PATH_KEYS`` as absolute paths (``train_net`` runs in REPO_ROOT), so
+    ``output/x.pth`` and ``<repo>/output/x.pth`` count as the same setting."""
+    for keys in _PATH_KEYS:
+        node = cfg
+        for key in keys[:-1]:
+            node = node.get(key) if isinstance(node, dict) else None
+        value = node.get(keys[-1]) if isinstance(node, dict) else None
+        if isinstance(value, str) and value and "://" not in value:
+            node[keys[-1]] = os.path.normpath(os.path.join(REPO_ROOT, value))
 
 
 def _configured_max_iter(output_dir: str) -> Optional[int]:
