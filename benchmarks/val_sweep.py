@@ -152,6 +152,18 @@ SETTINGS = [
         imitate("tid", "0.01", "TID.ADAPTER", "conv"),
         "self-distillation, TID lambda 0.01 through a 1x1 conv adapter",
     ),
+    (
+        "self_tid_l0.01_orth",
+        SELF,
+        imitate("tid", "0.01", "TID.ADAPTER", "conv", "TID.ADAPTER_INIT", "orthogonal"),
+        "self-distillation, TID lambda 0.01 through an orthogonally initialised 1x1 conv adapter",
+    ),
+    (
+        "tid_l0.01_orth",
+        TID,
+        imitate("tid", "0.01", "TID.ADAPTER_INIT", "orthogonal"),
+        "TID, lambda 0.01, orthogonally initialised adapters",
+    ),
 ]
 
 

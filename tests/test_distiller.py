@@ -131,6 +131,28 @@ def test_equal_widths_use_identity_adapters_unless_conv(tmp_path):
     assert len(build_model(cfg).tid_adapters.adapters) == 5
 
 
+def test_orthogonal_adapter_init_keeps_every_direction(tmp_path):
+    """TID.ADAPTER_INIT orthogonal: every singular value of phi_l is 1 (narrower, wider or equal
+    teacher), and the distiller passes the key through; kaiming (default) is not orthogonal."""
+    from tid_d2.modeling.imitation import FeatureAdapters
+
+    torch.manual_seed(0)
+    s_ch, t_ch = {"a": 8, "b": 16, "c": 12}, {"a": 16, "b": 8, "c": 12}
+    for init, want_orthogonal in (("orthogonal", True), ("kaiming", False)):
+        adapters = FeatureAdapters(s_ch, t_ch, mode="conv", init=init).adapters
+        for level, conv in adapters.items():
+            sv = torch.linalg.svdvals(conv.weight.flatten(1))
+            assert len(sv) == min(s_ch[level], t_ch[level])
+            assert torch.allclose(sv, torch.ones_like(sv), atol=1e-5) == want_orthogonal, level
+            assert not conv.bias.any()
+    with pytest.raises(ValueError, match="TID.ADAPTER_INIT"):
+        FeatureAdapters(s_ch, t_ch, init="xavier")
+    cfg = tid_cfg(str(tmp_path), "RetinaNet", "tid", teacher_width=32, student_width=16)
+    cfg.TID.ADAPTER_INIT = "orthogonal"
+    w = build_model(cfg).tid_adapters.adapters["p3"].weight.flatten(1)  # (32, 16)
+    assert torch.allclose(w.T @ w, torch.eye(16), atol=1e-5)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_checkpoint_loads_into_plain_student_with_identical_predictions(tmp_path, family):
     cfg = tid_cfg(str(tmp_path), family, "tid")

@@ -89,6 +89,9 @@ def add_tid_config(cfg):
     # phi_l: "auto" = 1x1 conv when student and teacher widths differ, identity otherwise;
     # "conv" = always a 1x1 conv.
     _C.TID.ADAPTER = "auto"
+    # Start of the phi_l conv weights [ours]: "kaiming" (random, std 1/sqrt(C_S)) or "orthogonal"
+    # (every singular value 1: the student need not grow or shrink its features to match).
+    _C.TID.ADAPTER_INIT = "kaiming"
     # For this many first iterations L_tid trains only the adapters phi_l (student features
     # detached), so that a randomly initialised phi_l does not push random directions into the
     # student before it has learned to map student to teacher features [ours].

@@ -108,6 +108,7 @@ class TIDDistiller(nn.Module):
         feature_norm: str = "none",
         adapter_warmup_iters: int = 0,
         region_normalize: str = "level",
+        adapter_init: str = "kaiming",
     ):
         """
         Args:
@@ -124,6 +125,7 @@ class TIDDistiller(nn.Module):
             adapter_warmup_iters: iterations in which L_tid reaches only the adapters (see
                 TID.ADAPTER_WARMUP_ITERS).
             region_normalize: "level" or "all_levels" (see TID.REGION.NORMALIZE).
+            adapter_init: "kaiming" or "orthogonal" (see TID.ADAPTER_INIT).
         """
         super().__init__()
         if mode not in TID_MODES:
@@ -160,6 +162,7 @@ class TIDDistiller(nn.Module):
                 {f: s_shapes[f].channels for f in self.in_features},
                 {f: t_shapes[f].channels for f in self.in_features},
                 adapter_mode,
+                adapter_init,
             )
             self._teacher_flip = self._check_formats(
                 student_cfg.INPUT.FORMAT, teacher_cfg.INPUT.FORMAT
@@ -196,6 +199,7 @@ class TIDDistiller(nn.Module):
             "feature_norm": cfg.TID.FEATURE_NORM,
             "adapter_warmup_iters": cfg.TID.ADAPTER_WARMUP_ITERS,
             "region_normalize": cfg.TID.REGION.NORMALIZE,
+            "adapter_init": cfg.TID.ADAPTER_INIT,
         }
 
     # ------------------------------------------------------------------------- set-up checks

@@ -20,6 +20,9 @@ __all__ = [
 ]
 
 
+ADAPTER_INITS = ("kaiming", "orthogonal")
+
+
 class FeatureAdapters(nn.Module):
     """phi_l: one 1x1 conv per distilled level (identity when widths match and mode is "auto").
 
@@ -27,17 +30,35 @@ class FeatureAdapters(nn.Module):
     """
 
     def __init__(
-        self, student_channels: Dict[str, int], teacher_channels: Dict[str, int], mode="auto"
+        self,
+        student_channels: Dict[str, int],
+        teacher_channels: Dict[str, int],
+        mode="auto",
+        init="kaiming",
     ):
+        """
+        Args:
+            student_channels, teacher_channels: {level: C_S} and {level: C_T}.
+            mode: "auto" (a conv only where C_S != C_T) or "conv" (everywhere).
+            init: the conv weights' start (see TID.ADAPTER_INIT): "kaiming" (uniform, std
+                1/sqrt(C_S)) or "orthogonal" (a (C_T, C_S) matrix with orthonormal columns, or
+                rows when C_T < C_S: every singular value 1, so no student direction is lost or
+                amplified at the start). Biases start at 0.
+        """
         super().__init__()
         if mode not in ("auto", "conv"):
             raise ValueError(f"TID.ADAPTER must be 'auto' or 'conv', got {mode!r}")
+        if init not in ADAPTER_INITS:
+            raise ValueError(f"TID.ADAPTER_INIT must be one of {ADAPTER_INITS}, got {init!r}")
         self.adapters = nn.ModuleDict()
         for level, c_s in student_channels.items():
             c_t = teacher_channels[level]
             if mode == "conv" or c_s != c_t:
                 conv = nn.Conv2d(c_s, c_t, kernel_size=1)
-                nn.init.kaiming_uniform_(conv.weight, a=1)
+                if init == "orthogonal":
+                    nn.init.orthogonal_(conv.weight)
+                else:
+                    nn.init.kaiming_uniform_(conv.weight, a=1)
                 nn.init.zeros_(conv.bias)
                 self.adapters[level] = conv
 
