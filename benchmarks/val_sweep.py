@@ -46,6 +46,8 @@ STUDENT = "retinanet_r18_student.yaml"
 TID = "tid_retinanet.yaml"
 TEACHER = "retinanet_mnv2_teacher.yaml"
 SELF = "tid_retinanet_self.yaml"
+MNV2S = "retinanet_mnv2_fpn64_student.yaml"
+MNV2S_TID = "tid_retinanet_mnv2_student.yaml"
 
 
 def imitate(mode, loss_weight, *extra):
@@ -58,6 +60,8 @@ ALL_LEVELS = ("TID.REGION.NORMALIZE", "all_levels")
 ALL_CH_AW = imitate(
     "tid", "0.01", *ALL_LEVELS, "TID.FEATURE_NORM", "channel", "TID.ADAPTER_WARMUP_ITERS", "300"
 )
+# adapters fixed at an orthogonal start (every singular value 1)
+ORTH_FIXED = ("TID.ADAPTER_INIT", "orthogonal", "TID.ADAPTER_TRAIN", "False")
 # three times the shipped schedule, with the val AP at every 1000 iterations
 LONG = ["SOLVER.MAX_ITER", "3000", "TEST.EVAL_PERIOD", "1000"]
 
@@ -132,13 +136,13 @@ SETTINGS = [
     ("tid_l0.01_all_ch_aw_3k", TID, ALL_CH_AW + LONG, "as tid_l0.01_all_ch_aw, 3000 iterations"),
     (
         "mnv2s_none",
-        "retinanet_mnv2_fpn64_student.yaml",
+        MNV2S,
         [],
         "pretrained MobileNetV2-FPN64 student alone",
     ),
     (
         "mnv2s_tid_l0.01",
-        "tid_retinanet_mnv2_student.yaml",
+        MNV2S_TID,
         imitate("tid", "0.01"),
         "pretrained MobileNetV2-FPN64 student, TID lambda 0.01",
     ),
@@ -164,13 +168,37 @@ SETTINGS = [
         imitate("tid", "0.01", "TID.ADAPTER_INIT", "orthogonal"),
         "TID, lambda 0.01, orthogonally initialised adapters",
     ),
+    (
+        "mnv2s_tid_l0.01_orth",
+        MNV2S_TID,
+        imitate("tid", "0.01", "TID.ADAPTER_INIT", "orthogonal"),
+        "pretrained MobileNetV2-FPN64 student, TID lambda 0.01, orthogonal adapters",
+    ),
+    (
+        "mnv2s_fitnet_l0.01_orth",
+        MNV2S_TID,
+        imitate("fitnet", "0.01", "TID.ADAPTER_INIT", "orthogonal"),
+        "pretrained MobileNetV2-FPN64 student, uniform imitation, orthogonal adapters",
+    ),
+    (
+        "self_tid_l0.01_orthfix",
+        SELF,
+        imitate("tid", "0.01", "TID.ADAPTER", "conv", *ORTH_FIXED),
+        "self-distillation, TID lambda 0.01 through a fixed random rotation",
+    ),
+    (
+        "mnv2s_tid_l0.01_orthfix",
+        MNV2S_TID,
+        imitate("tid", "0.01", *ORTH_FIXED),
+        "pretrained MobileNetV2-FPN64 student, TID lambda 0.01, fixed orthogonal adapters",
+    ),
 ]
 
 
 # the student-alone config each TID config is compared with
 _STUDENT_OF = {
     TID: STUDENT,
-    "tid_retinanet_mnv2_student.yaml": "retinanet_mnv2_fpn64_student.yaml",
+    MNV2S_TID: MNV2S,
     SELF: TEACHER,
 }
 

@@ -124,6 +124,32 @@ def test_adapters_in_optimizer_and_get_gradients(tmp_path):
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 
+def test_fixed_adapters_stay_out_of_the_optimizer_and_pass_gradients_on(tmp_path):
+    """TID.ADAPTER_TRAIN False: phi_l keeps its start (not in the optimizer, no gradient, bit
+    identical after a step) but L_tid still reaches the student through it; its weights are
+    saved, so a resumed run uses the same projection."""
+    cfg = tid_cfg(str(tmp_path), "RetinaNet", "tid", teacher_width=32, student_width=16)
+    cfg.TID.ADAPTER_INIT, cfg.TID.ADAPTER_TRAIN = "orthogonal", False
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    optimizer = DefaultTrainer.build_optimizer(cfg, model)
+    in_opt = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    adapter_params = list(model.tid_adapters.parameters())
+    assert adapter_params and not any(id(p) in in_opt or p.requires_grad for p in adapter_params)
+    before = [p.detach().clone() for p in adapter_params]
+    model.train()
+    with EventStorage(0):
+        losses = model(random_inputs(2, 64))
+    tid = sum(v for k, v in losses.items() if k.startswith("loss_tid_"))
+    fpn_out = model.student.backbone.fpn_output3.weight
+    (grad,) = torch.autograd.grad(tid, fpn_out)
+    assert grad.abs().sum() > 0  # the student still learns from L_tid
+    _train_steps(model, steps=1)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.tid_adapters.parameters()))
+    state = model.state_dict()
+    assert all(f"tid_adapters.adapters.{lv}.weight" in state for lv in model.in_features)
+
+
 def test_equal_widths_use_identity_adapters_unless_conv(tmp_path):
     cfg = tid_cfg(str(tmp_path), "RetinaNet", "tid", teacher_width=16, student_width=16)
     assert len(build_model(cfg).tid_adapters.adapters) == 0

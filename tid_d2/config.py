@@ -92,6 +92,9 @@ def add_tid_config(cfg):
     # Start of the phi_l conv weights [ours]: "kaiming" (random, std 1/sqrt(C_S)) or "orthogonal"
     # (every singular value 1: the student need not grow or shrink its features to match).
     _C.TID.ADAPTER_INIT = "kaiming"
+    # False: phi_l stays at its start, a fixed projection (with "orthogonal": a rotation, or an
+    # isometric embedding when C_T > C_S) [ours].
+    _C.TID.ADAPTER_TRAIN = True
     # For this many first iterations L_tid trains only the adapters phi_l (student features
     # detached), so that a randomly initialised phi_l does not push random directions into the
     # student before it has learned to map student to teacher features [ours].

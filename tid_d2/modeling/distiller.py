@@ -109,6 +109,7 @@ class TIDDistiller(nn.Module):
         adapter_warmup_iters: int = 0,
         region_normalize: str = "level",
         adapter_init: str = "kaiming",
+        adapter_train: bool = True,
     ):
         """
         Args:
@@ -126,6 +127,7 @@ class TIDDistiller(nn.Module):
                 TID.ADAPTER_WARMUP_ITERS).
             region_normalize: "level" or "all_levels" (see TID.REGION.NORMALIZE).
             adapter_init: "kaiming" or "orthogonal" (see TID.ADAPTER_INIT).
+            adapter_train: False keeps the adapters fixed at their start (TID.ADAPTER_TRAIN).
         """
         super().__init__()
         if mode not in TID_MODES:
@@ -163,6 +165,7 @@ class TIDDistiller(nn.Module):
                 {f: t_shapes[f].channels for f in self.in_features},
                 adapter_mode,
                 adapter_init,
+                adapter_train,
             )
             self._teacher_flip = self._check_formats(
                 student_cfg.INPUT.FORMAT, teacher_cfg.INPUT.FORMAT
@@ -200,6 +203,7 @@ class TIDDistiller(nn.Module):
             "adapter_warmup_iters": cfg.TID.ADAPTER_WARMUP_ITERS,
             "region_normalize": cfg.TID.REGION.NORMALIZE,
             "adapter_init": cfg.TID.ADAPTER_INIT,
+            "adapter_train": cfg.TID.ADAPTER_TRAIN,
         }
 
     # ------------------------------------------------------------------------- set-up checks

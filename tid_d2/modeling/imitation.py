@@ -35,6 +35,7 @@ class FeatureAdapters(nn.Module):
         teacher_channels: Dict[str, int],
         mode="auto",
         init="kaiming",
+        trainable=True,
     ):
         """
         Args:
@@ -44,6 +45,8 @@ class FeatureAdapters(nn.Module):
                 1/sqrt(C_S)) or "orthogonal" (a (C_T, C_S) matrix with orthonormal columns, or
                 rows when C_T < C_S: every singular value 1, so no student direction is lost or
                 amplified at the start). Biases start at 0.
+            trainable: False keeps every conv at its start (``requires_grad=False``): a fixed
+                projection, saved in checkpoints like a trained one (see TID.ADAPTER_TRAIN).
         """
         super().__init__()
         if mode not in ("auto", "conv"):
@@ -60,6 +63,7 @@ class FeatureAdapters(nn.Module):
                 else:
                     nn.init.kaiming_uniform_(conv.weight, a=1)
                 nn.init.zeros_(conv.bias)
+                conv.requires_grad_(trainable)
                 self.adapters[level] = conv
 
     def forward(self, level: str, x: torch.Tensor) -> torch.Tensor:
