@@ -369,6 +369,8 @@ def test_reuse_state_requires_the_same_settings_and_tells_finished_from_resumabl
     run from its checkpoint instead of starting it again."""
     import json
 
+    import yaml
+
     from tid_d2.config import get_cfg
     from tid_d2.runs import reuse_state
 
@@ -399,6 +401,14 @@ def test_reuse_state_requires_the_same_settings_and_tells_finished_from_resumabl
     assert reuse_state(out, config, opts + teacher, "tid_shapes_val") == "finished"
     elsewhere = ["TID.TEACHER.WEIGHTS", "output/u/model_final.pth"]
     assert reuse_state(out, config, opts + elsewhere, "tid_shapes_val") == "new"
+    # a run saved before a key existed ran with that key's default: the same setting as the
+    # default now, not as another value
+    dumped = yaml.safe_load(saved.dump())
+    del dumped["TID"]["ADAPTER_INIT"]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(dumped))
+    assert reuse_state(out, config, opts + teacher, "tid_shapes_val") == "finished"
+    orth = ["TID.ADAPTER_INIT", "orthogonal"]
+    assert reuse_state(out, config, opts + teacher + orth, "tid_shapes_val") == "new"
 
 
 def test_train_net_resumes_or_sets_an_old_runs_metrics_aside(tmp_path, monkeypatch):

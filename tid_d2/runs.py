@@ -185,6 +185,9 @@ def reuse_state(
     want = yaml.safe_load(want.dump())
     with open(saved) as f:
         have = yaml.safe_load(f) or {}
+    # a key added to the project after that run was saved had its default then (new keys default
+    # to the old behaviour)
+    _fill_missing(have, yaml.safe_load(get_cfg().dump()))
     for cfg in (want, have):
         cfg.pop("OUTPUT_DIR", None)
         _absolute_paths(cfg)
@@ -195,6 +198,15 @@ def reuse_state(
     if os.path.isfile(os.path.join(output_dir, "last_checkpoint")):
         return "resumable"
     return "new"
+
+
+def _fill_missing(have: dict, defaults: dict) -> None:
+    """Add to ``have`` (in place, recursively) every key of ``defaults`` it lacks."""
+    for key, value in defaults.items():
+        if key not in have:
+            have[key] = value
+        elif isinstance(value, dict) and isinstance(have[key], dict):
+            _fill_missing(have[key], value)
 
 
 # files a run reads, which a command may name relative to train_net.py's working directory
