@@ -60,6 +60,8 @@ ALL_LEVELS = ("TID.REGION.NORMALIZE", "all_levels")
 ALL_CH_AW = imitate(
     "tid", "0.01", *ALL_LEVELS, "TID.FEATURE_NORM", "channel", "TID.ADAPTER_WARMUP_ITERS", "300"
 )
+# stands for the trained teacher's detection head alone (tools/extract_weights.py --keep head.)
+TEACHER_HEAD = "<teacher_head>"
 # adapters fixed at an orthogonal start (every singular value 1)
 ORTH_FIXED = ("TID.ADAPTER_INIT", "orthogonal", "TID.ADAPTER_TRAIN", "False")
 # three times the shipped schedule, with the val AP at every 1000 iterations
@@ -181,6 +183,18 @@ SETTINGS = [
         "pretrained MobileNetV2-FPN64 student, uniform imitation, orthogonal adapters",
     ),
     (
+        "self_none_head",
+        TEACHER,
+        ["MODEL.WEIGHTS", TEACHER_HEAD],
+        "teacher architecture alone, detection head started from the trained teacher's",
+    ),
+    (
+        "self_tid_l0.01_head",
+        SELF,
+        imitate("tid", "0.01", "MODEL.WEIGHTS", TEACHER_HEAD),
+        "self-distillation, TID lambda 0.01, head started from the trained teacher's",
+    ),
+    (
         "self_tid_l0.01_orthfix",
         SELF,
         imitate("tid", "0.01", "TID.ADAPTER", "conv", *ORTH_FIXED),
@@ -214,8 +228,11 @@ def schedule(opts) -> int:
 
 
 def base_key(config, opts):
-    """Which student-alone run a setting is compared with: same student, same schedule."""
-    return cfg_for_base(config), schedule(opts)
+    """Which student-alone run a setting is compared with: same student, same schedule, same
+    starting weights."""
+    opts = list(opts)
+    weights = opts[opts.index("MODEL.WEIGHTS") + 1] if "MODEL.WEIGHTS" in opts else ""
+    return cfg_for_base(config), schedule(opts), weights
 
 
 def _final_losses(out):
@@ -308,10 +325,17 @@ def main(argv=None):
         )
         mark_teacher(teacher_dir, 1000)
     teacher = os.path.join(teacher_dir, "model_final.pth")
+    teacher_head = os.path.join(args.output, "teacher_head.pth")
+    if any(TEACHER_HEAD in s[2] for s in settings) and not os.path.isfile(teacher_head):
+        sys.path.insert(0, os.path.join(REPO_ROOT, "tools"))
+        from extract_weights import extract
+
+        extract(teacher, ["head."], teacher_head)
 
     def run(job):
         (name, config, opts, _), seed = job
         out = os.path.join(args.output, name if seed == 0 else f"{name}_s{seed}")
+        opts = [teacher_head if o == TEACHER_HEAD else o for o in opts]
         full = ["DATALOADER.NUM_WORKERS", "1", "VIS_PERIOD", "0"] + opts
         if seed != 0:
             full += ["SEED", str(seed)]

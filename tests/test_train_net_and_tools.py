@@ -5,6 +5,7 @@ import glob
 import importlib.util
 import json
 import os
+import sys
 
 import pytest
 import torch
@@ -451,3 +452,29 @@ def test_plot_training_series_of_a_resumed_run_keep_one_point_per_iteration():
     ]
     series = tool._series(records, lambda k: k.startswith("loss"))
     assert series == {"loss_cls": [(20, 0.95), (40, 0.8), (60, 0.7)]}
+
+
+def test_extract_weights_keeps_a_prefix_that_a_plain_model_loads(tmp_path):
+    """tools/extract_weights.py: the teacher's head alone, loadable with MODEL.WEIGHTS into a
+    model of the same head width (the rest keeps its initialisation); no match is an error."""
+    sys.path.insert(0, os.path.join(REPO, "tools"))
+    from detectron2.checkpoint import DetectionCheckpointer
+    from detectron2.modeling import build_model
+
+    from extract_weights import extract
+
+    from .helpers import save_weights, tiny_cfg
+
+    cfg = tiny_cfg("RetinaNet", width=16)
+    full = save_weights(cfg, str(tmp_path / "t.pth"), seed=1)
+    head = str(tmp_path / "head.pth")
+    assert extract(full, ["head."], head) == len(torch.load(head, weights_only=True)["model"])
+    torch.manual_seed(2)
+    model = build_model(cfg)
+    before = model.backbone.fpn_output3.weight.detach().clone()
+    DetectionCheckpointer(model).load(head)
+    teacher = torch.load(full, weights_only=True)["model"]
+    assert torch.equal(model.head.cls_score.weight, teacher["head.cls_score.weight"])
+    assert torch.equal(model.backbone.fpn_output3.weight, before)
+    with pytest.raises(ValueError, match="no key"):
+        extract(full, ["roi_heads."], str(tmp_path / "x.pth"))
