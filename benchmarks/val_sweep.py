@@ -247,9 +247,8 @@ def _final_losses(out):
 
 
 def _finished_seeds(output, name, iters):
-    """Seeds other than 0 with a finished ``iters``-iteration run of setting ``name`` in
-    ``output``."""
-    seeds = []
+    """Seeds with a finished ``iters``-iteration run of setting ``name`` in ``output``."""
+    seeds = [0] if has_final_ap(os.path.join(output, name), VAL, iters=iters) else []
     prefix = f"{name}_s"
     for entry in os.listdir(output) if os.path.isdir(output) else []:
         seed = entry[len(prefix) :]
@@ -303,7 +302,13 @@ def main(argv=None):
         action="store_true",
         help="reuse finished runs in --output and resume stopped ones (same settings only)",
     )
-    p.add_argument("--seeds", nargs="*", type=int, default=[0], help="SEED of each run")
+    p.add_argument(
+        "--seeds",
+        nargs="*",
+        type=int,
+        default=[0],
+        help="SEED of each run; with --reuse and no value: only the runs already finished",
+    )
     p.add_argument(
         "--name", default="retinanet_val_sweep", help="file stem of the results (.md / .json)"
     )
