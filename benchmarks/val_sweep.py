@@ -268,10 +268,16 @@ def seed_rows(settings, records):
     by_name = {}
     for r in records:
         by_name.setdefault(r["name"], {})[r["seed"]] = r
-    base_runs = {base_key(c, o): by_name[n] for n, c, o, _ in settings if not c.startswith("tid_")}
+    base_runs = {
+        base_key(c, o): by_name[n]
+        for n, c, o, _ in settings
+        if not c.startswith("tid_") and n in by_name
+    }
     rows = []
     for name, config, opts, what in settings:
-        runs = by_name[name]
+        runs = by_name.get(name)
+        if not runs:  # no finished run to report (``--reuse`` with an empty ``--seeds``)
+            continue
         row = {"setting": name, "what": what, "seeds": len(runs)}
         for f in AP_FIELDS:
             row[f] = fmt_mean_std(*mean_std([r[f] for r in runs.values()]))

@@ -158,6 +158,18 @@ def test_val_sweep_seed_rows_mean_std_and_paired_difference():
     assert tid["AP - alone"] == "+1.50 ± 0.71"
     (single,) = val_sweep.seed_rows(settings[:1], records[:1])
     assert single["AP"] == "2.00" and single["AP - alone"] == "+0.00"
+    # a student started from other weights has its own baseline; a setting without a finished
+    # run is left out of the table
+    head = ["MODEL.WEIGHTS", "<teacher_head>"]
+    settings += [
+        ("none_head", val_sweep.STUDENT, head, "alone, head"),
+        ("tid_head", val_sweep.TID, head, "tid, head"),
+        ("tid_unrun", val_sweep.TID, ["TID.LOSS_WEIGHT", "0.5"], "not run"),
+    ]
+    records += [rec("none_head", 0, 20.0), rec("tid_head", 0, 25.0)]
+    rows = val_sweep.seed_rows(settings, records)
+    assert [r["setting"] for r in rows][-2:] == ["none_head", "tid_head"]
+    assert rows[-1]["AP - alone"] == "+5.00"
 
 
 def test_run_benchmark_summary_pairs_seeds_and_gap():
