@@ -200,6 +200,13 @@ SETTINGS = [
         imitate("tid", "0.01", "TID.ADAPTER", "conv", *ORTH_FIXED),
         "self-distillation, TID lambda 0.01 through a fixed random rotation",
     ),
+    ("self_tid_l0.001", SELF, imitate("tid", "0.001"), "self-distillation, TID lambda 0.001"),
+    (
+        "self_tid_l0.001_head",
+        SELF,
+        imitate("tid", "0.001", "MODEL.WEIGHTS", TEACHER_HEAD),
+        "self-distillation, TID lambda 0.001, head started from the trained teacher's",
+    ),
     (
         "mnv2s_tid_l0.01_orthfix",
         MNV2S_TID,
