@@ -7,7 +7,8 @@ cached teacher, then evaluated with COCOEvaluator on tid_shapes_val (during and 
 and tid_shapes_test (after training). Results are written under benchmarks/results/:
 
 - ``<family>_runs.json``: one record per (variant, seed): AP fields on test and val,
-  sec_per_iter, peak_mem_mb, iterations;
+  iterations, wall_s, and the variant's sec_per_iter and peak_mem_mb from ``<family>_cost.json``
+  when cost.py has written it (null otherwise);
 - ``<family>.md``: mean +- std over seeds, gap recovered, cost table;
 - ``<family>_ap.png``: test AP per variant with the seed spread; ``<family>_val_curve.png``.
 
@@ -89,6 +90,18 @@ def _run_variant(args, fam, mode, seed, teacher_weights, out_root, extra):
         flush=True,
     )
     return record
+
+
+def attach_cost(records, cost_rows):
+    """Give each record its variant's ``sec_per_iter`` and ``peak_mem_mb`` as measured by cost.py
+    on identical batches (``cost_rows``: {mode: {"sec_per_iter", "peak_mem_mb"}}; a mode it did
+    not measure gets None). The runs' own wall time is not a cost measurement: parallel runs
+    share the cores and the time includes evaluation."""
+    for r in records:
+        row = cost_rows.get(r["mode"], {})
+        r["sec_per_iter"] = row.get("sec_per_iter")
+        r["peak_mem_mb"] = row.get("peak_mem_mb")
+    return records
 
 
 def summarize(records, fam, teacher_ap, cost=None, teacher_iters=None):
@@ -256,6 +269,12 @@ def main(argv=None):
 
     os.makedirs(args.results, exist_ok=True)
     suffix = "_quick" if args.quick else ""
+    cost_json = os.path.join(args.results, f"{fam}_cost.json")
+    cost_rows = {}
+    if os.path.isfile(cost_json) and not args.quick:
+        with open(cost_json) as f:
+            cost_rows = json.load(f)
+    attach_cost(records, cost_rows)
     with open(os.path.join(args.results, f"{fam}{suffix}_runs.json"), "w") as f:
         json.dump(
             {
@@ -270,7 +289,13 @@ def main(argv=None):
     cost_md = os.path.join(args.results, f"{fam}_cost.md")
     cost = open(cost_md).read() if os.path.isfile(cost_md) and not args.quick else None
     text = summarize(records, fam, teacher_ap, cost, teacher_iters)
-    text += f"\n\nCommand: `python benchmarks/run_benchmark.py {' '.join(sys.argv[1:])}`; wall time {(time.time() - start) / 60:.0f} min.\n"
+    reused = sum(r["wall_s"] is None for r in records)
+    resumed = sum(r["resumed"] for r in records)
+    text += (
+        f"\n\nCommand: `python benchmarks/run_benchmark.py {' '.join(sys.argv[1:])}`; wall time "
+        f"{(time.time() - start) / 60:.0f} min ({reused} of {len(records)} student runs reused "
+        f"finished from earlier invocations, {resumed} resumed from a checkpoint).\n"
+    )
     with open(os.path.join(args.results, f"{fam}{suffix}.md"), "w") as f:
         f.write(text)
     if not args.quick:

@@ -55,6 +55,7 @@ def test_benchmark_quick_runs_every_variant(tmp_path):
     assert modes == {"none", "fitnet", "gt_mask", "cls_only", "reg_only", "no_ldam", "tid"}
     for r in data["runs"]:
         assert {"AP", "AP50", "AP75", "APs", "APm", "APl", "val_AP", "seed", "iterations"} <= set(r)
+        assert {"sec_per_iter", "peak_mem_mb"} <= set(r)  # None: --quick measures no cost
     text = open(tmp_path / "results" / "retinanet_quick.md").read()
     assert "| tid |" in text and "gap recovered" in text
 
@@ -196,3 +197,18 @@ def test_run_benchmark_summary_pairs_seeds_and_gap():
     assert "| tid | 3 | 16.00 ± 4.58 |" in lines["tid"]
     # paired (seeds 0, 1): +1, +3 -> +2.00 ± 1.41; gap recovered (16 - 12) / (32 - 12) = 20%
     assert lines["tid"].endswith("| +2.00 ± 1.41 | 20% |")
+
+
+def test_run_benchmark_records_take_each_variants_cost():
+    """Each run record gets its own variant's cost.py row (identical batches), None if unmeasured."""
+    run_benchmark = _benchmark_script("run_benchmark")
+    records = [{"mode": "none", "seed": 0}, {"mode": "tid", "seed": 1}, {"mode": "fitnet"}]
+    cost = {
+        "teacher": {"sec_per_iter": 0.1, "peak_mem_mb": 900.0},
+        "none": {"sec_per_iter": 0.4, "peak_mem_mb": 1100.0},
+        "tid": {"sec_per_iter": 0.5, "peak_mem_mb": 1200.0},
+    }
+    run_benchmark.attach_cost(records, cost)
+    assert (records[0]["sec_per_iter"], records[0]["peak_mem_mb"]) == (0.4, 1100.0)
+    assert (records[1]["sec_per_iter"], records[1]["peak_mem_mb"]) == (0.5, 1200.0)
+    assert (records[2]["sec_per_iter"], records[2]["peak_mem_mb"]) == (None, None)
