@@ -202,6 +202,12 @@ SETTINGS = [
     ),
     ("self_tid_l0.001", SELF, imitate("tid", "0.001"), "self-distillation, TID lambda 0.001"),
     (
+        "self_fitnet_l0.001",
+        SELF,
+        imitate("fitnet", "0.001"),
+        "self-distillation, uniform imitation, lambda 0.001",
+    ),
+    (
         "self_tid_l0.001_head",
         SELF,
         imitate("tid", "0.001", "MODEL.WEIGHTS", TEACHER_HEAD),
