@@ -200,6 +200,12 @@ SETTINGS = [
         imitate("tid", "0.01", "TID.ADAPTER", "conv", *ORTH_FIXED),
         "self-distillation, TID lambda 0.01 through a fixed random rotation",
     ),
+    (
+        "self_none_distiller",
+        SELF,
+        ["TID.MODE", "none"],
+        "teacher architecture alone through the TIDDistiller (TID.MODE none: other random streams)",
+    ),
     ("self_tid_l0.001", SELF, imitate("tid", "0.001"), "self-distillation, TID lambda 0.001"),
     (
         "self_fitnet_l0.001",
