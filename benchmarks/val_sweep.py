@@ -208,6 +208,12 @@ SETTINGS = [
     ),
     ("self_tid_l0.001", SELF, imitate("tid", "0.001"), "self-distillation, TID lambda 0.001"),
     (
+        "self_tid_l0.01_loc",
+        SELF,
+        imitate("tid", "0.01", "TID.REGION.NORMALIZE", "locations"),
+        "self-distillation, TID lambda 0.01, regions normalised by the level's location count",
+    ),
+    (
         "self_fitnet_l0.001",
         SELF,
         imitate("fitnet", "0.001"),

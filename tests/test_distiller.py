@@ -216,7 +216,7 @@ def test_resume_roundtrip_restores_student_and_adapters(tmp_path):
         assert k == k2 and torch.equal(v, v2), k
 
 
-@pytest.mark.parametrize("normalize", ["level", "all_levels"])
+@pytest.mark.parametrize("normalize", ["level", "all_levels", "locations"])
 def test_repeated_batch_gives_same_tid_loss(tmp_path, normalize):
     torch.manual_seed(0)
     cfg = tid_cfg(str(tmp_path), "RetinaNet", "tid")
@@ -236,6 +236,13 @@ def test_repeated_batch_gives_same_tid_loss(tmp_path, normalize):
             per_level = model(batch)
         tid = [k for k in one if k.startswith("loss_tid_")]
         assert sum(one[k].item() for k in tid) < sum(per_level[k].item() for k in tid)
+    if normalize == "locations":  # key/weak locations (a small share) no longer weigh 1 / |r|
+        model.region_normalize = "level"
+        with EventStorage(0), torch.no_grad():
+            per_level = model(batch)
+        for k in one:
+            if k.startswith("loss_tid_"):
+                assert one[k].item() <= per_level[k].item() * (1 + 1e-6), k
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -259,6 +259,28 @@ def test_region_counts_per_level_or_pooled_over_levels():
         assert loss.item() == pytest.approx(expected)
 
 
+def test_region_counts_per_location_use_the_levels_location_count():
+    """NORMALIZE locations: every region of a level is divided by the level's location count (the
+    union of its masks), so a location weighs alpha_r whatever its region's size (hand-computed:
+    key errors 1, 9 and rest error 4 on a 2x2 level with one invalid location; 1x1 level: key 4)."""
+    from tid_d2.modeling.imitation import region_counts
+
+    s_a = torch.tensor([[[[1.0, 2.0], [3.0, 0.0]]]])
+    key_a = torch.tensor([[[True, False], [True, False]]])
+    rest_a = torch.tensor([[[False, True], [False, False]]])  # (1, 1) invalid: in no region
+    s_b = torch.tensor([[[[2.0]]]])
+    key_b = torch.tensor([[[True]]])
+    regions = [("key", key_a, 1.0), ("rest", rest_a, 0.5), ("key", key_b, 1.0)]
+    counts = region_counts(regions, level_sizes=[2, 1])
+    assert counts.tolist() == [3.0, 3.0, 1.0]
+    loss_a = region_imitation_loss(s_a, torch.zeros_like(s_a), regions[:2], counts[:2])
+    loss_b = region_imitation_loss(s_b, torch.zeros_like(s_b), regions[2:], counts[2:])
+    assert loss_a.item() == pytest.approx((1 + 9 + 0.5 * 4) / 3)
+    assert loss_b.item() == pytest.approx(4.0)
+    with pytest.raises(ValueError, match="level_sizes"):
+        region_counts(regions, level_sizes=[1, 1])
+
+
 def test_region_loss_invariant_to_repeating_the_batch():
     g = torch.Generator().manual_seed(0)
     s, t = torch.randn(2, 3, 5, 5, generator=g), torch.randn(2, 3, 5, 5, generator=g)

@@ -145,7 +145,8 @@ def add_tid_config(cfg):
     _C.TID.REGION.WEIGHTS = [1.0, 1.0, 0.05]
     # |r| of a region's normaliser [ours]: "level" = its location count on each FPN level (every
     # level's term is a mean, so a location of a coarse level weighs more); "all_levels" = its
-    # count over all distilled levels (every location weighs the same).
+    # count over all distilled levels (every location weighs the same); "locations" = the level's
+    # location count whatever the region's size (a location weighs alpha_r, as in fitnet).
     _C.TID.REGION.NORMALIZE = "level"
 
     # Loading .pkl weights runs arbitrary code (pickle); allowed only when set [security].

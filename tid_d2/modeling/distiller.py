@@ -40,6 +40,8 @@ logger = logging.getLogger(__name__)
 
 TID_MODES = ("tid", "fitnet", "gt_mask", "cls_only", "reg_only", "no_ldam", "none")
 _SIG_MODES = ("tid", "cls_only", "reg_only", "no_ldam")
+# TID.REGION.NORMALIZE values: |r| per level, pooled over levels, or the level's location count
+REGION_NORMALIZERS = ("level", "all_levels", "locations")
 _STUDENT = "student."
 
 
@@ -125,7 +127,7 @@ class TIDDistiller(nn.Module):
             feature_norm: "none" or "channel" (see TID.FEATURE_NORM).
             adapter_warmup_iters: iterations in which L_tid reaches only the adapters (see
                 TID.ADAPTER_WARMUP_ITERS).
-            region_normalize: "level" or "all_levels" (see TID.REGION.NORMALIZE).
+            region_normalize: "level", "all_levels" or "locations" (see TID.REGION.NORMALIZE).
             adapter_init: "kaiming" or "orthogonal" (see TID.ADAPTER_INIT).
             adapter_train: False keeps the adapters fixed at their start (TID.ADAPTER_TRAIN).
         """
@@ -138,9 +140,10 @@ class TIDDistiller(nn.Module):
         self.loss_weight = float(loss_weight)
         self.warmup_iters = int(warmup_iters)
         self.adapter_warmup_iters = int(adapter_warmup_iters)
-        if region_normalize not in ("level", "all_levels"):
+        if region_normalize not in REGION_NORMALIZERS:
             raise ValueError(
-                f"TID.REGION.NORMALIZE must be 'level' or 'all_levels', got {region_normalize!r}"
+                f"TID.REGION.NORMALIZE must be one of {REGION_NORMALIZERS}, got "
+                f"{region_normalize!r}"
             )
         self.region_normalize = region_normalize
         self.region_params = region_params
@@ -342,6 +345,9 @@ class TIDDistiller(nn.Module):
             [r for regs in per_level for r in regs],
             comm.get_world_size(),
             pool_by_name=self.region_normalize == "all_levels",
+            level_sizes=(
+                [len(regs) for regs in per_level] if self.region_normalize == "locations" else None
+            ),
         )
         counts = counts.split([len(regs) for regs in per_level])
         adapters_only = iteration < self.adapter_warmup_iters

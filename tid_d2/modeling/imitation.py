@@ -96,12 +96,17 @@ def region_counts(
     regions: List[Tuple[str, torch.Tensor, float]],
     world_size: int = 1,
     pool_by_name: bool = False,
+    level_sizes: Optional[List[int]] = None,
 ) -> torch.Tensor:
     """|r| of every region, as the normaliser of this process's loss.
 
     With ``pool_by_name`` the regions of one name (e.g. "key" of every FPN level) share one count,
     their total: each location then weighs the same whatever its level (``TID.REGION.NORMALIZE
-    all_levels``). Otherwise each entry is normalised by its own count (per level).
+    all_levels``). With ``level_sizes`` (how many consecutive entries belong to each level) every
+    entry is normalised by its level's location count, the union of that level's masks, whatever
+    the region's own size: a location then weighs alpha_r / (N H W), as in uniform imitation
+    (``TID.REGION.NORMALIZE locations``). Otherwise each entry is normalised by its own count
+    (per level).
 
     With ``world_size`` > 1 the counts are summed over all processes and divided by the world
     size: DDP averages the processes' gradients, so each process then contributes exactly its
@@ -111,7 +116,17 @@ def region_counts(
     Returns:
         (R,) fp32 counts, at least 1 / world_size.
     """
-    counts = torch.stack([mask.sum() for _, mask, _ in regions]).float()
+    if level_sizes is not None:
+        if sum(level_sizes) != len(regions):
+            raise ValueError(f"level_sizes {level_sizes} do not cover {len(regions)} regions")
+        sizes, start = [], 0
+        for n in level_sizes:
+            masks = torch.stack([mask for _, mask, _ in regions[start : start + n]])
+            sizes += [masks.any(dim=0).sum()] * n
+            start += n
+        counts = torch.stack(sizes).float()
+    else:
+        counts = torch.stack([mask.sum() for _, mask, _ in regions]).float()
     if world_size > 1:
         torch.distributed.all_reduce(counts)
     if pool_by_name:
