@@ -204,7 +204,7 @@ SETTINGS = [
         "self_none_distiller",
         SELF,
         ["TID.MODE", "none"],
-        "teacher architecture alone through the TIDDistiller (TID.MODE none: other random streams)",
+        "teacher architecture alone through the TIDDistiller (TID.MODE none)",
     ),
     ("self_tid_l0.001", SELF, imitate("tid", "0.001"), "self-distillation, TID lambda 0.001"),
     (
