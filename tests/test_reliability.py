@@ -16,7 +16,7 @@ from detectron2.utils.events import EventStorage
 
 import tid_d2  # noqa: F401
 from tid_d2.config import get_cfg
-from tid_d2.data import ShapesSpec, register_tid_shapes
+from tid_d2.data import ShapesSpec, ensure_generated, register_tid_shapes
 from tid_d2.engine import TIDCheckpointer, Trainer, create_ddp_model
 
 from .helpers import random_inputs, save_weights, tid_cfg, tiny_cfg
@@ -141,6 +141,8 @@ def _trainer(out, max_iter, period):
 def mini_data(tmp_path_factory):
     root = tmp_path_factory.mktemp("rel_data")
     register_tid_shapes(MINI, ShapesSpec(seed=1, sizes=(12, 6, 6), image_size=96, root=str(root)))
+    for split in ("train", "val", "test"):  # on disk now: subprocess tests read the files directly
+        ensure_generated(f"{MINI}_{split}")
     return root
 
 
@@ -212,6 +214,9 @@ def test_kill_during_training_leaves_valid_checkpoint(tmp_path, mini_data):
     assert done.returncode == 0, done.stderr[-2000:]
     assert open(os.path.join(out, "last_checkpoint")).read().strip() == "model_final.pth"
     assert torch.load(os.path.join(out, "model_final.pth"), weights_only=True)["iteration"] == 39
+    for name in os.listdir(out):  # 40 checkpoints of 87 MB: pytest keeps its last 3 temp dirs
+        if name.endswith(".pth"):
+            os.remove(os.path.join(out, name))
 
 
 # ----------------------------------------------------------------------------- hostile inputs
