@@ -341,15 +341,14 @@ class TIDDistiller(nn.Module):
         losses = {}
         # every level's region counts in one tensor: one all-reduce per step under DDP
         per_level = [maps["regions"][level] for level in self.in_features]
+        sizes = [len(regs) for regs in per_level]
         counts = region_counts(
             [r for regs in per_level for r in regs],
             comm.get_world_size(),
             pool_by_name=self.region_normalize == "all_levels",
-            level_sizes=(
-                [len(regs) for regs in per_level] if self.region_normalize == "locations" else None
-            ),
+            level_sizes=sizes if self.region_normalize == "locations" else None,
         )
-        counts = counts.split([len(regs) for regs in per_level])
+        counts = counts.split(sizes)
         adapters_only = iteration < self.adapter_warmup_iters
         for level, regions, count in zip(self.in_features, per_level, counts):
             student = s_feats[level].detach() if adapters_only else s_feats[level]
