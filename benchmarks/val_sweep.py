@@ -56,6 +56,7 @@ def imitate(mode, loss_weight, *extra):
 
 
 ALL_LEVELS = ("TID.REGION.NORMALIZE", "all_levels")
+LOCATIONS = ("TID.REGION.NORMALIZE", "locations")
 # the three remedies that together made imitation harmless at lambda 0.01 (seed 0, then 3 seeds)
 ALL_CH_AW = imitate(
     "tid", "0.01", *ALL_LEVELS, "TID.FEATURE_NORM", "channel", "TID.ADAPTER_WARMUP_ITERS", "300"
@@ -210,7 +211,7 @@ SETTINGS = [
     (
         "self_tid_l0.01_loc",
         SELF,
-        imitate("tid", "0.01", "TID.REGION.NORMALIZE", "locations"),
+        imitate("tid", "0.01", *LOCATIONS),
         "self-distillation, TID lambda 0.01, regions normalised by the level's location count",
     ),
     (
@@ -224,6 +225,30 @@ SETTINGS = [
         SELF,
         imitate("tid", "0.001", "MODEL.WEIGHTS", TEACHER_HEAD),
         "self-distillation, TID lambda 0.001, head started from the trained teacher's",
+    ),
+    (
+        "tid_l0.01_loc",
+        TID,
+        imitate("tid", "0.01", *LOCATIONS),
+        "TID, lambda 0.01, regions normalised by the level's location count",
+    ),
+    (
+        "tid_l0.03_loc",
+        TID,
+        imitate("tid", "0.03", *LOCATIONS),
+        "TID, lambda 0.03, regions normalised by the level's location count",
+    ),
+    (
+        "tid_l0.1_loc",
+        TID,
+        imitate("tid", "0.1", *LOCATIONS),
+        "TID, lambda 0.1, regions normalised by the level's location count",
+    ),
+    (
+        "tid_l0.03_loc_rest0.25",
+        TID,
+        imitate("tid", "0.03", *LOCATIONS, "TID.REGION.WEIGHTS", "[1.0,1.0,0.25]"),
+        "as tid_l0.03_loc, rest weight alpha_rest 0.25 instead of 0.05",
     ),
     (
         "mnv2s_tid_l0.01_orthfix",
