@@ -249,14 +249,18 @@ def test_region_counts_per_level_or_pooled_over_levels():
     key_a = torch.tensor([[[True, False], [True, False]]])
     s_b = torch.tensor([[[[2.0]]]])  # key: error 4
     key_b = torch.tensor([[[True]]])
-    regions = [("key", key_a, 1.0), ("key", key_b, 1.0)]
-    for pooled, expected in ((False, (1 + 9) / 2 + 4 / 1), (True, (1 + 9 + 4) / 3)):
-        counts = region_counts(regions, pool_by_name=pooled)
-        assert counts.tolist() == ([3.0, 3.0] if pooled else [2.0, 1.0])
+    levels = [[("key", key_a, 1.0)], [("key", key_b, 1.0)]]
+    for rule, expected in (("level", (1 + 9) / 2 + 4 / 1), ("all_levels", (1 + 9 + 4) / 3)):
+        count_a, count_b = region_counts(levels, rule)
+        assert [count_a.tolist(), count_b.tolist()] == (
+            [[3.0], [3.0]] if rule == "all_levels" else [[2.0], [1.0]]
+        )
         loss = region_imitation_loss(
-            s_a, torch.zeros_like(s_a), regions[:1], counts[:1]
-        ) + region_imitation_loss(s_b, torch.zeros_like(s_b), regions[1:], counts[1:])
+            s_a, torch.zeros_like(s_a), levels[0], count_a
+        ) + region_imitation_loss(s_b, torch.zeros_like(s_b), levels[1], count_b)
         assert loss.item() == pytest.approx(expected)
+    with pytest.raises(ValueError, match="TID.REGION.NORMALIZE"):
+        region_counts(levels, "per_image")
 
 
 def test_region_counts_per_location_use_the_levels_location_count():
@@ -270,15 +274,13 @@ def test_region_counts_per_location_use_the_levels_location_count():
     rest_a = torch.tensor([[[False, True], [False, False]]])  # (1, 1) invalid: in no region
     s_b = torch.tensor([[[[2.0]]]])
     key_b = torch.tensor([[[True]]])
-    regions = [("key", key_a, 1.0), ("rest", rest_a, 0.5), ("key", key_b, 1.0)]
-    counts = region_counts(regions, level_sizes=[2, 1])
-    assert counts.tolist() == [3.0, 3.0, 1.0]
-    loss_a = region_imitation_loss(s_a, torch.zeros_like(s_a), regions[:2], counts[:2])
-    loss_b = region_imitation_loss(s_b, torch.zeros_like(s_b), regions[2:], counts[2:])
+    levels = [[("key", key_a, 1.0), ("rest", rest_a, 0.5)], [("key", key_b, 1.0)]]
+    count_a, count_b = region_counts(levels, "locations")
+    assert [count_a.tolist(), count_b.tolist()] == [[3.0, 3.0], [1.0]]
+    loss_a = region_imitation_loss(s_a, torch.zeros_like(s_a), levels[0], count_a)
+    loss_b = region_imitation_loss(s_b, torch.zeros_like(s_b), levels[1], count_b)
     assert loss_a.item() == pytest.approx((1 + 9 + 0.5 * 4) / 3)
     assert loss_b.item() == pytest.approx(4.0)
-    with pytest.raises(ValueError, match="level_sizes"):
-        region_counts(regions, level_sizes=[1, 1])
 
 
 def test_region_loss_invariant_to_repeating_the_batch():

@@ -17,6 +17,7 @@ from detectron2.utils.events import EventStorage, get_event_storage
 from torch import nn
 
 from .imitation import (
+    REGION_NORMALIZERS,
     FeatureAdapters,
     check_feature_norm,
     normalize_features,
@@ -40,8 +41,6 @@ logger = logging.getLogger(__name__)
 
 TID_MODES = ("tid", "fitnet", "gt_mask", "cls_only", "reg_only", "no_ldam", "none")
 _SIG_MODES = ("tid", "cls_only", "reg_only", "no_ldam")
-# TID.REGION.NORMALIZE values: |r| per level, pooled over levels, or the level's location count
-REGION_NORMALIZERS = ("level", "all_levels", "locations")
 _STUDENT = "student."
 
 
@@ -339,16 +338,8 @@ class TIDDistiller(nn.Module):
         maps = self._maps(batched_inputs)
         lam = self.lambda_now(iteration)
         losses = {}
-        # every level's region counts in one tensor: one all-reduce per step under DDP
         per_level = [maps["regions"][level] for level in self.in_features]
-        sizes = [len(regs) for regs in per_level]
-        counts = region_counts(
-            [r for regs in per_level for r in regs],
-            comm.get_world_size(),
-            pool_by_name=self.region_normalize == "all_levels",
-            level_sizes=sizes if self.region_normalize == "locations" else None,
-        )
-        counts = counts.split(sizes)
+        counts = region_counts(per_level, self.region_normalize, comm.get_world_size())
         adapters_only = iteration < self.adapter_warmup_iters
         for level, regions, count in zip(self.in_features, per_level, counts):
             student = s_feats[level].detach() if adapters_only else s_feats[level]

@@ -13,6 +13,7 @@ from torch import nn
 
 __all__ = [
     "FeatureAdapters",
+    "REGION_NORMALIZERS",
     "check_feature_norm",
     "normalize_features",
     "region_counts",
@@ -21,6 +22,8 @@ __all__ = [
 
 
 ADAPTER_INITS = ("kaiming", "orthogonal")
+# TID.REGION.NORMALIZE values: |r| per level, pooled over levels, or the level's location count
+REGION_NORMALIZERS = ("level", "all_levels", "locations")
 
 
 class FeatureAdapters(nn.Module):
@@ -93,49 +96,53 @@ def normalize_features(x: torch.Tensor, mode: str) -> torch.Tensor:
 
 
 def region_counts(
-    regions: List[Tuple[str, torch.Tensor, float]],
+    levels: List[List[Tuple[str, torch.Tensor, float]]],
+    normalize: str = "level",
     world_size: int = 1,
-    pool_by_name: bool = False,
-    level_sizes: Optional[List[int]] = None,
-) -> torch.Tensor:
-    """|r| of every region, as the normaliser of this process's loss.
+) -> List[torch.Tensor]:
+    """|r|: the normaliser of every region of every level, for this process's loss.
 
-    With ``pool_by_name`` the regions of one name (e.g. "key" of every FPN level) share one count,
-    their total: each location then weighs the same whatever its level (``TID.REGION.NORMALIZE
-    all_levels``). With ``level_sizes`` (how many consecutive entries belong to each level) every
-    entry is normalised by its level's location count, the union of that level's masks, whatever
-    the region's own size: a location then weighs alpha_r / (N H W), as in uniform imitation
-    (``TID.REGION.NORMALIZE locations``). Otherwise each entry is normalised by its own count
-    (per level).
-
-    With ``world_size`` > 1 the counts are summed over all processes and divided by the world
-    size: DDP averages the processes' gradients, so each process then contributes exactly its
-    share of the loss that one process would compute on the whole global batch. The loss thus
-    does not depend on how many images each GPU holds.
-
+    Args:
+        levels: per distilled level, its regions [(name, mask (N, H, W) bool, alpha)].
+        normalize: the rule (``TID.REGION.NORMALIZE``):
+            "level": each region by its own location count (the method doc's SFDM);
+            "all_levels": the regions of one name (e.g. "key" of every level) share one count,
+            their total, so a location weighs the same whatever its level;
+            "locations": every region of a level by the level's location count (the union of
+            its masks), so a location weighs alpha_r / (N H W) as in uniform imitation.
+        world_size: with > 1 the counts are summed over all processes and divided by the world
+            size: DDP averages the processes' gradients, so each process then contributes
+            exactly its share of the loss that one process would compute on the whole global
+            batch, and the loss does not depend on how many images each GPU holds. One
+            all-reduce for all levels.
     Returns:
-        (R,) fp32 counts, at least 1 / world_size.
+        per level, (R_l,) fp32 counts, at least 1 / world_size.
     """
-    if level_sizes is not None:
-        if sum(level_sizes) != len(regions):
-            raise ValueError(f"level_sizes {level_sizes} do not cover {len(regions)} regions")
-        sizes, start = [], 0
-        for n in level_sizes:
-            masks = torch.stack([mask for _, mask, _ in regions[start : start + n]])
-            sizes += [masks.any(dim=0).sum()] * n
-            start += n
-        counts = torch.stack(sizes).float()
+    if normalize not in REGION_NORMALIZERS:
+        raise ValueError(
+            f"TID.REGION.NORMALIZE must be one of {REGION_NORMALIZERS}, got {normalize!r}"
+        )
+    regions = [r for level in levels for r in level]
+    sizes = [len(level) for level in levels]
+    if normalize == "locations":
+        counts = torch.stack(
+            [
+                torch.stack([mask for _, mask, _ in level]).any(dim=0).sum()
+                for level in levels
+                for _ in level
+            ]
+        ).float()
     else:
         counts = torch.stack([mask.sum() for _, mask, _ in regions]).float()
     if world_size > 1:
         torch.distributed.all_reduce(counts)
-    if pool_by_name:
+    if normalize == "all_levels":
         names = [name for name, _, _ in regions]
         totals: Dict[str, torch.Tensor] = {}
         for name, c in zip(names, counts):
             totals[name] = totals[name] + c if name in totals else c
         counts = torch.stack([totals[name] for name in names])
-    return counts.clamp(min=1.0) / world_size
+    return list((counts.clamp(min=1.0) / world_size).split(sizes))
 
 
 def region_imitation_loss(
@@ -150,12 +157,13 @@ def region_imitation_loss(
         student: (N, C, H, W) adapted student features (any float dtype; with grad).
         teacher: (N, C, H, W) teacher features.
         regions: [(name, mask (N, H, W) bool, alpha)].
-        counts: (R,) normalisers from :func:`region_counts` (default: this batch's counts).
+        counts: (R,) normalisers from :func:`region_counts` (default: this batch's counts, rule
+            "level").
     Returns:
         scalar fp32 loss (before lambda).
     """
     if counts is None:
-        counts = region_counts(regions)
+        counts = region_counts([regions])[0]
     diff = (student.float() - teacher.float().detach()).pow(2).sum(dim=1)  # (N, H, W)
     with torch.no_grad():  # one weight per location: sum over its regions of alpha_r / |r|
         weight = torch.zeros_like(diff)
