@@ -1,7 +1,10 @@
 """Shared test helpers: tiny detectron2 configs built without weights, random inputs."""
 
+import atexit
 import os
-from typing import List
+import shutil
+import tempfile
+from typing import Dict, List, Tuple
 
 import torch
 from detectron2.modeling import build_model
@@ -91,6 +94,26 @@ def save_weights(cfg, path: str, seed: int = 0) -> str:
     return path
 
 
+# teacher config + seed -> (its weights saved once per test process, the RNG state right after)
+_TEACHERS: Dict[str, Tuple[str, torch.Tensor]] = {}
+
+
+def shared_teacher_weights(cfg, seed: int) -> str:
+    """:func:`save_weights` of ``cfg`` saved once per test process (a tiny teacher's ResNet-18 is
+    44 MB; every TID test used to write its own copy). A cached call leaves torch's RNG in the
+    state a fresh :func:`save_weights` would, so what a test builds next is initialised the same
+    whatever ran before it. Callers must not modify the file."""
+    key = f"{seed}\n{cfg.dump()}"
+    if key not in _TEACHERS:
+        folder = tempfile.mkdtemp(prefix="tid_test_teacher_")
+        atexit.register(shutil.rmtree, folder, True)
+        path = save_weights(cfg, os.path.join(folder, "teacher.pth"), seed=seed)
+        _TEACHERS[key] = (path, torch.get_rng_state())
+    path, rng_state = _TEACHERS[key]
+    torch.set_rng_state(rng_state)
+    return path
+
+
 def write_cfg(cfg, path: str) -> str:
     with open(path, "w") as f:
         f.write(cfg.dump())
@@ -105,10 +128,11 @@ def tid_cfg(
     student_width: int = 16,
     teacher_family: str = None,
 ):
-    """A TIDDistiller config: tiny student of ``family``, tiny teacher saved under ``tmpdir``."""
+    """A TIDDistiller config: tiny student of ``family``; the tiny teacher's config is written
+    under ``tmpdir``, its weights are shared by every test (:func:`shared_teacher_weights`)."""
     tcfg = tiny_cfg(teacher_family or family, width=teacher_width)
     tpath = write_cfg(tcfg, os.path.join(tmpdir, "teacher.yaml"))
-    wpath = save_weights(tcfg, os.path.join(tmpdir, "teacher.pth"), seed=1)
+    wpath = shared_teacher_weights(tcfg, seed=1)
     cfg = tiny_cfg(family, width=student_width)
     cfg.TID.STUDENT_META_ARCHITECTURE = cfg.MODEL.META_ARCHITECTURE
     cfg.MODEL.META_ARCHITECTURE = "TIDDistiller"
