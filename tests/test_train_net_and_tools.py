@@ -366,8 +366,8 @@ def test_a_run_is_finished_only_with_an_evaluation_at_its_last_iteration(tmp_pat
 
 def test_reuse_state_requires_the_same_settings_and_tells_finished_from_resumable(tmp_path):
     """``--reuse`` takes a folder's run only if its saved config is the one asked for now (a
-    folder trained with another loss weight is retrained, not reported), and resumes a stopped
-    run from its checkpoint instead of starting it again."""
+    folder holding a run with another loss weight is neither reported nor trained over: an error
+    names the keys), and resumes a stopped run from its checkpoint instead of starting it again."""
     import json
 
     import yaml
@@ -384,14 +384,17 @@ def test_reuse_state_requires_the_same_settings_and_tells_finished_from_resumabl
     saved.merge_from_list(opts + ["OUTPUT_DIR", "/elsewhere"])  # OUTPUT_DIR does not count
     (tmp_path / "config.yaml").write_text(saved.dump())
     assert reuse_state(out, config, opts, "tid_shapes_val") == "new"  # no checkpoint, no AP
+    other = ["SOLVER.MAX_ITER", "20", "TID.LOSS_WEIGHT", "0.1"]
+    assert reuse_state(out, config, other, "tid_shapes_val") == "new"  # nothing to lose there
     (tmp_path / "last_checkpoint").write_text("model_0000009.pth")
     assert reuse_state(out, config, opts, "tid_shapes_val") == "resumable"
     with open(tmp_path / "metrics.json", "w") as f:
         f.write(json.dumps({"iteration": 19, "tid_shapes_val/bbox/AP": 1.0}) + "\n")
     assert reuse_state(out, config, opts, "tid_shapes_val") == "finished"
-    assert reuse_state(out, config, opts, "tid_shapes_val", iters=40) == "new"
-    other = ["SOLVER.MAX_ITER", "20", "TID.LOSS_WEIGHT", "0.1"]
-    assert reuse_state(out, config, other, "tid_shapes_val") == "new"
+    with pytest.raises(RuntimeError, match=r"finished run with other settings \(SOLVER.MAX_ITER"):
+        reuse_state(out, config, opts, "tid_shapes_val", iters=40)
+    with pytest.raises(RuntimeError, match=r"\(TID.LOSS_WEIGHT differ.*delete that folder"):
+        reuse_state(out, config, other, "tid_shapes_val")
     # the same teacher file named relative to the repository (train_net.py's working directory)
     # or absolutely is the same setting; another file is not
     teacher = ["TID.TEACHER.WEIGHTS", "output/t/model_final.pth"]
@@ -401,7 +404,18 @@ def test_reuse_state_requires_the_same_settings_and_tells_finished_from_resumabl
     assert reuse_state(out, config, opts + absolute, "tid_shapes_val") == "finished"
     assert reuse_state(out, config, opts + teacher, "tid_shapes_val") == "finished"
     elsewhere = ["TID.TEACHER.WEIGHTS", "output/u/model_final.pth"]
-    assert reuse_state(out, config, opts + elsewhere, "tid_shapes_val") == "new"
+    with pytest.raises(RuntimeError, match=r"\(TID.TEACHER.WEIGHTS differ"):
+        reuse_state(out, config, opts + elsewhere, "tid_shapes_val")
+    # ... and so is the same file reached through a symlinked folder (another checkout whose
+    # output/ links to this one's)
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    saved.merge_from_list(["TID.TEACHER.WEIGHTS", str(tmp_path / "link" / "t.pth")])
+    (tmp_path / "config.yaml").write_text(saved.dump())
+    linked = ["TID.TEACHER.WEIGHTS", str(tmp_path / "real" / "t.pth")]
+    assert reuse_state(out, config, opts + linked, "tid_shapes_val") == "finished"
+    saved.merge_from_list(teacher)
+    (tmp_path / "config.yaml").write_text(saved.dump())
     # a run saved before a key existed ran with that key's default: the same setting as the
     # default now, not as another value
     dumped = yaml.safe_load(saved.dump())
@@ -409,7 +423,11 @@ def test_reuse_state_requires_the_same_settings_and_tells_finished_from_resumabl
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(dumped))
     assert reuse_state(out, config, opts + teacher, "tid_shapes_val") == "finished"
     orth = ["TID.ADAPTER_INIT", "orthogonal"]
-    assert reuse_state(out, config, opts + teacher + orth, "tid_shapes_val") == "new"
+    with pytest.raises(RuntimeError, match=r"\(TID.ADAPTER_INIT differ"):
+        reuse_state(out, config, opts + teacher + orth, "tid_shapes_val")
+    os.remove(tmp_path / "metrics.json")  # stopped after a checkpoint: still not trained over
+    with pytest.raises(RuntimeError, match="checkpointed run with other settings"):
+        reuse_state(out, config, opts + teacher + orth, "tid_shapes_val")
 
 
 def test_train_net_resumes_or_sets_an_old_runs_metrics_aside(tmp_path, monkeypatch):

@@ -168,11 +168,14 @@ def reuse_state(
 ) -> str:
     """What ``--reuse`` may do with ``output_dir`` for the run ``train_net.py --config-file
     config_file opts``: "finished" (its final evaluation is there), "resumable" (stopped, with a
-    checkpoint to continue from) or "new" (no run, or one with other settings: train afresh).
+    checkpoint to continue from) or "new" (no run there, or one that died before its first
+    checkpoint: train afresh).
 
     The run's saved ``config.yaml`` must equal what ``config_file`` + ``opts`` give now (OUTPUT_DIR
-    aside), so a folder trained with another loss weight, schedule or config file is never taken
-    for this run, however the folder is named.
+    aside; files compared by their real absolute path), so a folder trained with another loss
+    weight, schedule or config file is never taken for this run, however the folder is named.
+    Nor is it trained over: a folder holding a finished or checkpointed run with other settings
+    raises a RuntimeError naming the keys that differ, and loses nothing.
     """
     saved = os.path.join(output_dir, "config.yaml")
     if not os.path.isfile(saved):
@@ -191,13 +194,32 @@ def reuse_state(
     for cfg in (want, have):
         cfg.pop("OUTPUT_DIR", None)
         _absolute_paths(cfg)
-    if want != have or (iters is not None and _configured_max_iter(output_dir) != iters):
+    differ = _differing_keys(want, have)
+    if iters is not None and _configured_max_iter(output_dir) != iters:
+        differ = sorted(set(differ) | {"SOLVER.MAX_ITER"})
+    finished = has_final_ap(output_dir, dataset)
+    checkpointed = os.path.isfile(os.path.join(output_dir, "last_checkpoint"))
+    if differ and (finished or checkpointed):
+        raise RuntimeError(
+            f"{output_dir} holds a {'finished' if finished else 'checkpointed'} run with other "
+            f"settings ({', '.join(differ)} differ from this request), so --reuse will not train "
+            "over it: delete that folder, or give this run another output folder."
+        )
+    if differ or not (finished or checkpointed):
         return "new"
-    if has_final_ap(output_dir, dataset):
-        return "finished"
-    if os.path.isfile(os.path.join(output_dir, "last_checkpoint")):
-        return "resumable"
-    return "new"
+    return "finished" if finished else "resumable"
+
+
+def _differing_keys(a: dict, b: dict, prefix: str = "") -> List[str]:
+    """Dotted names of the config keys whose values differ between ``a`` and ``b``."""
+    out = []
+    for key in sorted(set(a) | set(b), key=str):
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += _differing_keys(va, vb, f"{prefix}{key}.")
+        elif va != vb:
+            out.append(f"{prefix}{key}")
+    return out
 
 
 def _fill_missing(have: dict, defaults: dict) -> None:
@@ -218,15 +240,16 @@ _PATH_KEYS = (
 
 
 def _absolute_paths(cfg: dict) -> None:
-    """Spell the files in ``_PATH_KEYS`` as absolute paths (``train_net`` runs in REPO_ROOT), so
-    ``output/x.pth`` and ``<repo>/output/x.pth`` count as the same setting."""
+    """Spell the files in ``_PATH_KEYS`` as real absolute paths (``train_net`` runs in
+    REPO_ROOT), so ``output/x.pth``, ``<repo>/output/x.pth`` and a path through a symlink to it
+    count as the same setting."""
     for keys in _PATH_KEYS:
         node = cfg
         for key in keys[:-1]:
             node = node.get(key) if isinstance(node, dict) else None
         value = node.get(keys[-1]) if isinstance(node, dict) else None
         if isinstance(value, str) and value and "://" not in value:
-            node[keys[-1]] = os.path.normpath(os.path.join(REPO_ROOT, value))
+            node[keys[-1]] = os.path.realpath(os.path.join(REPO_ROOT, value))
 
 
 def _configured_max_iter(output_dir: str) -> Optional[int]:
