@@ -6,7 +6,7 @@ family's TID config, only TID.MODE and SEED differ), on the same data and schedu
 cached teacher, then evaluated with COCOEvaluator on tid_shapes_val (during and after training)
 and tid_shapes_test (after training). Results are written under benchmarks/results/:
 
-- ``<family>_runs.json``: one record per (variant, seed): AP fields on test and val,
+- ``<family>_runs.json`` (``<name>_runs.json`` with ``--name``): one record per (variant, seed): AP fields on test and val,
   iterations, wall_s, and the variant's sec_per_iter and peak_mem_mb from ``<family>_cost.json``
   when cost.py has written it (null otherwise);
 - ``<family>.md``: mean +- std over seeds, gap recovered, cost table;
@@ -140,7 +140,7 @@ def summarize(records, fam, teacher_ap, cost=None, teacher_iters=None):
     return text
 
 
-def plots(records, fam, out_dir):
+def plots(records, fam, out_dir, stem=None):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -165,7 +165,7 @@ def plots(records, fam, out_dir):
     ax.set_title(f"{fam}: test AP per variant (dots: seeds, bars: mean ± std)")
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    ap_png = os.path.join(out_dir, f"{fam}_ap.png")
+    ap_png = os.path.join(out_dir, f"{stem or fam}_ap.png")
     fig.savefig(ap_png, dpi=90)
     plt.close(fig)
 
@@ -184,7 +184,7 @@ def plots(records, fam, out_dir):
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    curve_png = os.path.join(out_dir, f"{fam}_val_curve.png")
+    curve_png = os.path.join(out_dir, f"{stem or fam}_val_curve.png")
     fig.savefig(curve_png, dpi=90)
     plt.close(fig)
     return ap_png, curve_png
@@ -218,6 +218,12 @@ def main(argv=None):
         "--reuse",
         action="store_true",
         help="reuse finished runs in --output and resume stopped ones (same settings only)",
+    )
+    p.add_argument(
+        "--name",
+        default=None,
+        help="file stem of the results (default: the family, with _quick in --quick mode), e.g. "
+        "for a run with overrides that must not replace the family's committed tables",
     )
     p.add_argument("--quick", action="store_true", help="every variant, 1 seed, a few iterations")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides for every run")
@@ -268,14 +274,14 @@ def main(argv=None):
         )
 
     os.makedirs(args.results, exist_ok=True)
-    suffix = "_quick" if args.quick else ""
+    stem = args.name or (f"{fam}_quick" if args.quick else fam)
     cost_json = os.path.join(args.results, f"{fam}_cost.json")
     cost_rows = {}
     if os.path.isfile(cost_json) and not args.quick:
         with open(cost_json) as f:
             cost_rows = json.load(f)
     attach_cost(records, cost_rows)
-    with open(os.path.join(args.results, f"{fam}{suffix}_runs.json"), "w") as f:
+    with open(os.path.join(args.results, f"{stem}_runs.json"), "w") as f:
         json.dump(
             {
                 "teacher_AP": teacher_ap,
@@ -296,10 +302,10 @@ def main(argv=None):
         f"{(time.time() - start) / 60:.0f} min ({reused} of {len(records)} student runs reused "
         f"finished from earlier invocations, {resumed} resumed from a checkpoint).\n"
     )
-    with open(os.path.join(args.results, f"{fam}{suffix}.md"), "w") as f:
+    with open(os.path.join(args.results, f"{stem}.md"), "w") as f:
         f.write(text)
     if not args.quick:
-        plots(records, fam, args.results)
+        plots(records, fam, args.results, stem)
     print(text)
     return 0
 
