@@ -6,11 +6,14 @@ family's TID config, only TID.MODE and SEED differ), on the same data and schedu
 cached teacher, then evaluated with COCOEvaluator on tid_shapes_val (during and after training)
 and tid_shapes_test (after training). Results are written under benchmarks/results/:
 
-- ``<family>_runs.json`` (``<name>_runs.json`` with ``--name``): one record per (variant, seed): AP fields on test and val,
+- ``<family>_runs.json``: one record per (variant, seed): AP fields on test and val,
   iterations, wall_s, and the variant's sec_per_iter and peak_mem_mb from ``<family>_cost.json``
   when cost.py has written it (null otherwise);
 - ``<family>.md``: mean +- std over seeds, gap recovered, cost table;
 - ``<family>_ap.png``: test AP per variant with the seed spread; ``<family>_val_curve.png``.
+
+``--name STEM`` writes ``STEM_runs.json``, ``STEM.md`` and ``STEM_*.png`` instead (a run with
+overrides keeps the family's committed tables).
 
 Cost (sec/iter, peak memory) is measured separately on identical batches by
 ``benchmarks/cost.py``; the scaling of significance + loss with GT count and image size by

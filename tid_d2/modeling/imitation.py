@@ -124,14 +124,9 @@ def region_counts(
         )
     regions = [r for level in levels for r in level]
     sizes = [len(level) for level in levels]
-    if normalize == "locations":
-        counts = torch.stack(
-            [
-                torch.stack([mask for _, mask, _ in level]).any(dim=0).sum()
-                for level in levels
-                for _ in level
-            ]
-        ).float()
+    if normalize == "locations":  # each level's union once, repeated for its regions
+        unions = [torch.stack([mask for _, mask, _ in level]).any(dim=0).sum() for level in levels]
+        counts = torch.stack([u for u, n in zip(unions, sizes) for _ in range(n)]).float()
     else:
         counts = torch.stack([mask.sum() for _, mask, _ in regions]).float()
     if world_size > 1:
