@@ -17,9 +17,9 @@ from detectron2.utils.events import EventStorage, get_event_storage
 from torch import nn
 
 from .imitation import (
-    REGION_NORMALIZERS,
     FeatureAdapters,
     check_feature_norm,
+    check_region_normalize,
     normalize_features,
     region_counts,
     region_imitation_loss,
@@ -139,12 +139,7 @@ class TIDDistiller(nn.Module):
         self.loss_weight = float(loss_weight)
         self.warmup_iters = int(warmup_iters)
         self.adapter_warmup_iters = int(adapter_warmup_iters)
-        if region_normalize not in REGION_NORMALIZERS:
-            raise ValueError(
-                f"TID.REGION.NORMALIZE must be one of {REGION_NORMALIZERS}, got "
-                f"{region_normalize!r}"
-            )
-        self.region_normalize = region_normalize
+        self.region_normalize = check_region_normalize(region_normalize)
         self.region_params = region_params
         self.vis_period = vis_period
         self.feature_norm = check_feature_norm(feature_norm)

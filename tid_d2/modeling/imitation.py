@@ -15,6 +15,7 @@ __all__ = [
     "FeatureAdapters",
     "REGION_NORMALIZERS",
     "check_feature_norm",
+    "check_region_normalize",
     "normalize_features",
     "region_counts",
     "region_imitation_loss",
@@ -84,6 +85,13 @@ def check_feature_norm(mode: str) -> str:
     return mode
 
 
+def check_region_normalize(rule: str) -> str:
+    """``rule`` if it is a ``TID.REGION.NORMALIZE`` value, else a ValueError naming the choices."""
+    if rule not in REGION_NORMALIZERS:
+        raise ValueError(f"TID.REGION.NORMALIZE must be one of {REGION_NORMALIZERS}, got {rule!r}")
+    return rule
+
+
 def normalize_features(x: torch.Tensor, mode: str) -> torch.Tensor:
     """``mode`` "none": x; "channel": (N, C, H, W) -> zero mean, unit std per image and channel
     (sample std; a 1x1 level, e.g. P7 of a small image, has nothing left after the mean: 0)."""
@@ -118,10 +126,7 @@ def region_counts(
     Returns:
         per level, (R_l,) fp32 counts, at least 1 / world_size.
     """
-    if normalize not in REGION_NORMALIZERS:
-        raise ValueError(
-            f"TID.REGION.NORMALIZE must be one of {REGION_NORMALIZERS}, got {normalize!r}"
-        )
+    check_region_normalize(normalize)
     regions = [r for level in levels for r in level]
     sizes = [len(level) for level in levels]
     if normalize == "locations":  # each level's union once, repeated for its regions
