@@ -13,7 +13,10 @@ and tid_shapes_test (after training). Results are written under benchmarks/resul
 - ``<family>_ap.png``: test AP per variant with the seed spread; ``<family>_val_curve.png``.
 
 ``--name STEM`` writes ``STEM_runs.json``, ``STEM.md`` and ``STEM_*.png`` instead (a run with
-overrides keeps the family's committed tables).
+overrides keeps the family's committed tables). ``--merge OTHER_runs.json`` adds the records of an
+earlier invocation (same family, schedule and teacher) for the (variant, seed) pairs this one did
+not run, so a table can gather runs trained in separate sessions; the .md names each merged
+file's command.
 
 Cost (sec/iter, peak memory) is measured separately on identical batches by
 ``benchmarks/cost.py``; the scaling of significance + loss with GT count and image size by
@@ -105,6 +108,41 @@ def attach_cost(records, cost_rows):
         r["sec_per_iter"] = row.get("sec_per_iter")
         r["peak_mem_mb"] = row.get("peak_mem_mb")
     return records
+
+
+def merge_records(records, paths, fam, iters, teacher_ap):
+    """Add the records of earlier invocations (their ``<stem>_runs.json`` files, ``paths``) for
+    every (variant, seed) this invocation did not run, so one table can gather runs trained in
+    separate sessions. A run is deterministic given its seed and teacher, so a merged record
+    stands for the run this invocation would have made, provided it was trained with the same
+    family, schedule and teacher: a differing family or iteration count, or a teacher whose test
+    AP differs, is an error. Returns (records sorted by seed then variant, the merged files'
+    commands); merged records carry ``merged_from`` (the file's name)."""
+    have = {(r["mode"], r["seed"]) for r in records}
+    merged, commands = list(records), []
+    for path in paths:
+        with open(path) as f:
+            data = json.load(f)
+        if abs(data["teacher_AP"] - teacher_ap) > 1e-6:
+            raise ValueError(
+                f"--merge {path}: its runs were trained against a teacher with test AP "
+                f"{data['teacher_AP']:.4f}, this invocation's teacher has {teacher_ap:.4f}; the "
+                "records are not comparable. Merge only runs of the same cached teacher (same "
+                "config, --teacher-iters and overrides), or retrain them here."
+            )
+        for r in data["runs"]:
+            if r["family"] != fam or r["iterations"] != iters:
+                raise ValueError(
+                    f"--merge {path}: a {r['family']} run of {r['iterations']} iterations cannot "
+                    f"join a {fam} table of {iters} iterations; pass --family/--iters to match"
+                )
+            if (r["mode"], r["seed"]) in have:
+                continue  # this invocation's run, or an earlier file's, takes precedence
+            have.add((r["mode"], r["seed"]))
+            merged.append(dict(r, merged_from=os.path.basename(path)))
+        commands.append(f"`{os.path.basename(path)}`: `python {data['command']}`")
+    merged.sort(key=lambda r: (r["seed"], MODES.index(r["mode"])))
+    return merged, commands
 
 
 def summarize(records, fam, teacher_ap, cost=None, teacher_iters=None):
@@ -228,6 +266,15 @@ def main(argv=None):
         help="file stem of the results (default: the family, with _quick in --quick mode), e.g. "
         "for a run with overrides that must not replace the family's committed tables",
     )
+    p.add_argument(
+        "--merge",
+        action="append",
+        default=[],
+        metavar="RUNS_JSON",
+        help="an earlier invocation's <stem>_runs.json whose (variant, seed) records join this "
+        "report where this invocation did not run them (same family, --iters and teacher only); "
+        "repeat the flag for several files",
+    )
     p.add_argument("--quick", action="store_true", help="every variant, 1 seed, a few iterations")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides for every run")
     args = p.parse_args(argv)
@@ -263,6 +310,7 @@ def main(argv=None):
         )
         mark_teacher(teacher_dir, teacher_iters)
     teacher_ap = final_ap(teacher_dir, TEST)["AP"]
+    merge_records([], args.merge, fam, args.iters, teacher_ap)  # fail before training, not after
 
     if args.parallel > 1:  # after the teacher, which runs alone and uses every core
         threads = str(max(1, (os.cpu_count() or 2) // args.parallel))
@@ -275,6 +323,8 @@ def main(argv=None):
                 jobs,
             )
         )
+
+    records, merged_commands = merge_records(records, args.merge, fam, args.iters, teacher_ap)
 
     os.makedirs(args.results, exist_ok=True)
     stem = args.name or (f"{fam}_quick" if args.quick else fam)
@@ -298,13 +348,21 @@ def main(argv=None):
     cost_md = os.path.join(args.results, f"{fam}_cost.md")
     cost = open(cost_md).read() if os.path.isfile(cost_md) and not args.quick else None
     text = summarize(records, fam, teacher_ap, cost, teacher_iters)
-    reused = sum(r["wall_s"] is None for r in records)
-    resumed = sum(r["resumed"] for r in records)
+    ran = [r for r in records if "merged_from" not in r]
+    reused = sum(r["wall_s"] is None for r in ran)
+    resumed = sum(r["resumed"] for r in ran)
     text += (
         f"\n\nCommand: `python benchmarks/run_benchmark.py {' '.join(sys.argv[1:])}`; wall time "
-        f"{(time.time() - start) / 60:.0f} min ({reused} of {len(records)} student runs reused "
+        f"{(time.time() - start) / 60:.0f} min ({reused} of {len(ran)} student runs reused "
         f"finished from earlier invocations, {resumed} resumed from a checkpoint).\n"
     )
+    if merged_commands:
+        text += (
+            f"\n{len(records) - len(ran)} of the {len(records)} records were merged (`--merge`) "
+            "from runs trained by earlier invocations against the same teacher: "
+            + "; ".join(merged_commands)
+            + ".\n"
+        )
     with open(os.path.join(args.results, f"{stem}.md"), "w") as f:
         f.write(text)
     if not args.quick:

@@ -60,6 +60,32 @@ def test_benchmark_quick_runs_every_variant(tmp_path):
     assert "| tid |" in text and "gap recovered" in text
 
     tiny = cmd[cmd.index("MODEL.FPN.OUT_CHANNELS") :]
+
+    # --name, --reuse and --merge: two variants re-reported from their finished runs (no
+    # retraining), the other five merged from the first invocation's records
+    final = tmp_path / "runs" / "retinanet_tid_s0" / "model_final.pth"
+    mtime = os.path.getmtime(final)
+    rerun = cmd[: cmd.index("MODEL.FPN.OUT_CHANNELS")] + ["--reuse", "--name", "named"]
+    rerun += [
+        "--modes",
+        "none",
+        "tid",
+        "--merge",
+        str(tmp_path / "results" / "retinanet_quick_runs.json"),
+    ]
+    out = subprocess.run(rerun + tiny, env=env, capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert os.path.getmtime(final) == mtime
+    named = json.load(open(tmp_path / "results" / "named_runs.json"))
+    assert [(r["mode"], r["AP"]) for r in named["runs"]] == [
+        (r["mode"], r["AP"]) for r in data["runs"]
+    ]
+    assert [r.get("merged_from") is None for r in named["runs"]] == [
+        r["mode"] in ("none", "tid") for r in data["runs"]
+    ]
+    named_md = open(tmp_path / "results" / "named.md").read()
+    assert "2 of 2 student runs reused" in named_md
+    assert "5 of the 7 records were merged" in named_md and "retinanet_quick_runs.json" in named_md
     teacher = str(tmp_path / "runs" / "retinanet_teacher" / "model_final.pth")
 
     def run_tool(script, *args):
@@ -212,3 +238,35 @@ def test_run_benchmark_records_take_each_variants_cost():
     assert (records[0]["sec_per_iter"], records[0]["peak_mem_mb"]) == (0.4, 1100.0)
     assert (records[1]["sec_per_iter"], records[1]["peak_mem_mb"]) == (0.5, 1200.0)
     assert (records[2]["sec_per_iter"], records[2]["peak_mem_mb"]) == (None, None)
+
+
+def test_run_benchmark_merge_records_joins_earlier_runs_of_the_same_teacher(tmp_path):
+    """--merge: an earlier invocation's records fill the (variant, seed) pairs this one did not
+    run, this invocation's own runs take precedence, and a different teacher or schedule is an
+    error naming the file."""
+    run_benchmark = _benchmark_script("run_benchmark")
+
+    def rec(mode, seed, ap, iters=1000):
+        return {"family": "rcnn", "mode": mode, "seed": seed, "iterations": iters, "AP": ap}
+
+    earlier = tmp_path / "rcnn_seed0_runs.json"
+    earlier_runs = [rec("none", 0, 15.0), rec("tid", 0, 12.0), rec("tid", 1, 99.0)]
+    cmd = "benchmarks/run_benchmark.py --family rcnn --seeds 0"
+    earlier.write_text(json.dumps({"teacher_AP": 64.5, "command": cmd, "runs": earlier_runs}))
+    now = [rec("tid", 1, 11.0), rec("none", 1, 13.0)]
+    records, commands = run_benchmark.merge_records(now, [str(earlier)], "rcnn", 1000, 64.5)
+    got = [(r["mode"], r["seed"], r["AP"], r.get("merged_from")) for r in records]
+    assert got == [
+        ("none", 0, 15.0, "rcnn_seed0_runs.json"),
+        ("tid", 0, 12.0, "rcnn_seed0_runs.json"),
+        ("none", 1, 13.0, None),
+        ("tid", 1, 11.0, None),  # this invocation's run, not the file's 99.0
+    ]
+    assert commands == [f"`rcnn_seed0_runs.json`: `python {cmd}`"]
+
+    with pytest.raises(ValueError, match="teacher with test AP 64.5000.*64.6000"):
+        run_benchmark.merge_records(now, [str(earlier)], "rcnn", 1000, 64.6)
+    with pytest.raises(ValueError, match="1000 iterations cannot join a rcnn table of 500"):
+        run_benchmark.merge_records(now, [str(earlier)], "rcnn", 500, 64.5)
+    with pytest.raises(ValueError, match="a rcnn run of 1000 iterations cannot join a retinanet"):
+        run_benchmark.merge_records([], [str(earlier)], "retinanet", 1000, 64.5)
