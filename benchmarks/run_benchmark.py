@@ -44,6 +44,7 @@ from tid_d2.runs import (
     final_ap,
     fmt_mean_std,
     format_table,
+    machine_info,
     reuse_state,
     mark_teacher,
     mean_std,
@@ -124,11 +125,14 @@ def merge_records(records, paths, fam, iters, teacher_ap):
         with open(path) as f:
             data = json.load(f)
         if abs(data["teacher_AP"] - teacher_ap) > 1e-6:
+            where = data.get("machine", {})
+            where = f" on {where['cpu']} ({where['cpu_capability']})" if where else ""
             raise ValueError(
                 f"--merge {path}: its runs were trained against a teacher with test AP "
-                f"{data['teacher_AP']:.4f}, this invocation's teacher has {teacher_ap:.4f}; the "
-                "records are not comparable. Merge only runs of the same cached teacher (same "
-                "config, --teacher-iters and overrides), or retrain them here."
+                f"{data['teacher_AP']:.4f}{where}, this invocation's teacher has "
+                f"{teacher_ap:.4f}; the records are not comparable. Merge only runs of the same "
+                "cached teacher (same config, --teacher-iters and overrides, and the same kind of "
+                "CPU: float results differ between kernel sets), or retrain them here."
             )
         for r in data["runs"]:
             if r["family"] != fam or r["iterations"] != iters:
@@ -310,7 +314,10 @@ def main(argv=None):
         )
         mark_teacher(teacher_dir, teacher_iters)
     teacher_ap = final_ap(teacher_dir, TEST)["AP"]
-    merge_records([], args.merge, fam, args.iters, teacher_ap)  # fail before training, not after
+    try:  # fail before training the students, not after
+        merge_records([], args.merge, fam, args.iters, teacher_ap)
+    except (OSError, ValueError) as e:
+        p.error(str(e))
 
     if args.parallel > 1:  # after the teacher, which runs alone and uses every core
         threads = str(max(1, (os.cpu_count() or 2) // args.parallel))
@@ -340,6 +347,7 @@ def main(argv=None):
                 "teacher_AP": teacher_ap,
                 "teacher_iterations": teacher_iters,
                 "command": " ".join(sys.argv),
+                "machine": machine_info(),
                 "runs": records,
             },
             f,

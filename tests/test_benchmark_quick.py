@@ -51,6 +51,7 @@ def test_benchmark_quick_runs_every_variant(tmp_path):
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     data = json.load(open(tmp_path / "results" / "retinanet_quick_runs.json"))
     assert data["teacher_iterations"] == 3
+    assert set(data["machine"]) == {"cpu", "cpu_count", "torch", "cpu_capability"}
     modes = {r["mode"] for r in data["runs"]}
     assert modes == {"none", "fitnet", "gt_mask", "cls_only", "reg_only", "no_ldam", "tid"}
     for r in data["runs"]:

@@ -93,6 +93,27 @@ def train_net(
 _TEACHER_DATA = "tid_shapes_spec.txt"
 
 
+def machine_info() -> Dict[str, str]:
+    """What the numbers of a run depend on beyond code, data and seed: the CPU model and the
+    kernel set PyTorch dispatches to (float results differ between, e.g., AVX2 and AVX-512
+    kernels), and the torch version. Recorded with benchmark results."""
+    import platform
+
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    if os.path.isfile("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            names = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")]
+        cpu = names[0] if names else cpu
+    return {
+        "cpu": cpu,
+        "cpu_count": str(os.cpu_count()),
+        "torch": torch.__version__,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+    }
+
+
 def _data_key() -> str:
     from tid_d2.data import ShapesSpec
 
