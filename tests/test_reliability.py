@@ -12,12 +12,14 @@ import pytest
 import torch
 from detectron2.engine import launch
 from detectron2.modeling import build_model
+from detectron2.utils.env import seed_all_rng
 from detectron2.utils.events import EventStorage
 
 import tid_d2  # noqa: F401
 from tid_d2.config import get_cfg
 from tid_d2.data import ShapesSpec, ensure_generated, register_tid_shapes
 from tid_d2.engine import TIDCheckpointer, Trainer, create_ddp_model
+from tid_d2.runs import read_metrics
 
 from .helpers import random_inputs, save_weights, tid_cfg, tiny_cfg
 
@@ -167,6 +169,47 @@ def test_exact_resume(tmp_path, mini_data):
     b = resumed.model.state_dict()
     for k in a:  # deterministic CPU run: bit-identical weights
         assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.slow
+def test_periodic_evaluation_does_not_change_training(tmp_path, mini_data):
+    """Faster R-CNN samples its RPN anchors and ROI proposals from torch's global generator, and
+    an evaluation draws from it (its data loader's seed): evaluating every 2 iterations must still
+    give the weights of a run that is never evaluated, or a benchmark's result would depend on
+    which of its runs record a validation curve."""
+    models = []
+    for period in (2, 0):
+        cfg = get_cfg()
+        cfg.merge_from_file(os.path.join(REPO, "configs", "shapes", "rcnn_r18_student.yaml"))
+        cfg.merge_from_list(
+            TRAIN_OPTS + ["SOLVER.MAX_ITER", "4", "SOLVER.CHECKPOINT_PERIOD", "100"]
+        )
+        cfg.merge_from_list(
+            [
+                "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE",
+                "16",
+                "DATASETS.TEST",
+                f"('{MINI}_val',)",
+                "TEST.EVAL_PERIOD",
+                str(period),
+                "OUTPUT_DIR",
+                str(tmp_path / f"period{period}"),
+            ]
+        )
+        cfg.freeze()
+        seed_all_rng(cfg.SEED)  # as train_net's default_setup does
+        trainer = Trainer(cfg)
+        trainer.resume_or_load(resume=False)
+        trainer.train()
+        models.append(trainer.model.state_dict())
+    evals = [
+        r
+        for r in read_metrics(str(tmp_path / "period2"))
+        if f"{MINI}_val/bbox/AP" in r or "bbox/AP" in r
+    ]
+    assert len(evals) == 2  # at iteration 2 and after the last one
+    for k in models[0]:
+        assert torch.equal(models[0][k], models[1][k]), k
 
 
 @pytest.mark.slow

@@ -5,10 +5,13 @@ import glob
 import itertools
 import logging
 import os
+import random
 import weakref
 from collections import OrderedDict
+from contextlib import contextmanager
 from typing import Dict, Optional
 
+import numpy as np
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import build_detection_train_loader, get_detection_dataset_dicts
@@ -226,6 +229,18 @@ class Trainer(DefaultTrainer):
         return ret
 
     @classmethod
+    def test(cls, cfg, model, evaluators=None):
+        """``DefaultTrainer.test`` that leaves every random number generator as it found it.
+
+        Creating a data loader's iterator draws a seed from torch's global generator, so an
+        evaluation during training (``TEST.EVAL_PERIOD``, the teacher's before training) would
+        otherwise shift every later draw of the training: Faster R-CNN's RPN / ROI sampling, and
+        the train loader's worker seeds when it starts after the evaluation. A run's result would
+        then depend on whether and how often it was evaluated."""
+        with preserved_rng_state():
+            return super().test(cfg, model, evaluators)
+
+    @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         ensure_generated(dataset_name)
         if output_folder is None:
@@ -237,6 +252,20 @@ class Trainer(DefaultTrainer):
         for name in cfg.DATASETS.TRAIN:
             ensure_generated(name)
         return super().build_train_loader(cfg)
+
+
+@contextmanager
+def preserved_rng_state():
+    """Run the block, then restore torch's (CPU and current CUDA device), NumPy's and Python's
+    global random states to what they were before it."""
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    py_state, np_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=devices):
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
 
 
 class _TeacherEvalHook(hooks.HookBase):
