@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+from tid_d2.runs import code_version
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -52,6 +54,7 @@ def test_benchmark_quick_runs_every_variant(tmp_path):
     data = json.load(open(tmp_path / "results" / "retinanet_quick_runs.json"))
     assert data["teacher_iterations"] == 3
     assert set(data["machine"]) == {"cpu", "cpu_count", "torch", "cpu_capability"}
+    assert data["code"] == code_version()  # the checkout's commit (None outside git)
     modes = {r["mode"] for r in data["runs"]}
     assert modes == {"none", "fitnet", "gt_mask", "cls_only", "reg_only", "no_ldam", "tid"}
     for r in data["runs"]:

@@ -114,6 +114,26 @@ def machine_info() -> Dict[str, str]:
     }
 
 
+def code_version() -> Optional[str]:
+    """The repository's commit (``git describe --always --dirty``: a ``-dirty`` suffix when
+    tracked files were changed), or None outside a git checkout. Recorded with benchmark results:
+    a record must be read against the code that trained it (e.g. Faster R-CNN runs evaluated
+    periodically before commit 7b0ee3e trained on other RPN/ROI samples than today's)."""
+    try:
+        out = subprocess.run(
+            ["git", "describe", "--always", "--dirty"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    return out.stdout.strip() or None
+
+
 def _data_key() -> str:
     from tid_d2.data import ShapesSpec
 
