@@ -19,7 +19,7 @@ import tid_d2  # noqa: F401
 from tid_d2.config import get_cfg
 from tid_d2.data import ShapesSpec, ensure_generated, register_tid_shapes
 from tid_d2.engine import TIDCheckpointer, Trainer, create_ddp_model
-from tid_d2.runs import read_metrics
+from tid_d2.runs import ap_curve
 
 from .helpers import random_inputs, save_weights, tid_cfg, tiny_cfg
 
@@ -117,9 +117,9 @@ TRAIN_OPTS = [
 ]
 
 
-def _trainer(out, max_iter, period):
+def _trainer(out, max_iter, period, config="retinanet_r18_student.yaml", extra=()):
     cfg = get_cfg()
-    cfg.merge_from_file(os.path.join(REPO, "configs", "shapes", "retinanet_r18_student.yaml"))
+    cfg.merge_from_file(os.path.join(REPO, "configs", "shapes", config))
     cfg.merge_from_list(
         TRAIN_OPTS
         + [
@@ -130,9 +130,9 @@ def _trainer(out, max_iter, period):
             "OUTPUT_DIR",
             out,
         ]
+        + list(extra)
     )
     cfg.freeze()
-    from detectron2.utils.env import seed_all_rng
 
     seed_all_rng(cfg.SEED)
     torch.manual_seed(cfg.SEED)
@@ -179,35 +179,26 @@ def test_periodic_evaluation_does_not_change_training(tmp_path, mini_data):
     which of its runs record a validation curve."""
     models = []
     for period in (2, 0):
-        cfg = get_cfg()
-        cfg.merge_from_file(os.path.join(REPO, "configs", "shapes", "rcnn_r18_student.yaml"))
-        cfg.merge_from_list(
-            TRAIN_OPTS + ["SOLVER.MAX_ITER", "4", "SOLVER.CHECKPOINT_PERIOD", "100"]
-        )
-        cfg.merge_from_list(
-            [
+        trainer = _trainer(
+            str(tmp_path / f"period{period}"),
+            4,
+            100,
+            config="rcnn_r18_student.yaml",
+            extra=[
                 "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE",
                 "16",
                 "DATASETS.TEST",
                 f"('{MINI}_val',)",
                 "TEST.EVAL_PERIOD",
                 str(period),
-                "OUTPUT_DIR",
-                str(tmp_path / f"period{period}"),
-            ]
+            ],
         )
-        cfg.freeze()
-        seed_all_rng(cfg.SEED)  # as train_net's default_setup does
-        trainer = Trainer(cfg)
         trainer.resume_or_load(resume=False)
         trainer.train()
         models.append(trainer.model.state_dict())
-    evals = [
-        r
-        for r in read_metrics(str(tmp_path / "period2"))
-        if f"{MINI}_val/bbox/AP" in r or "bbox/AP" in r
-    ]
-    assert len(evals) == 2  # at iteration 2 and after the last one
+    assert (
+        len(ap_curve(str(tmp_path / "period2"), f"{MINI}_val")) == 2
+    )  # at iteration 2, at the end
     for k in models[0]:
         assert torch.equal(models[0][k], models[1][k]), k
 
