@@ -210,6 +210,17 @@ class Trainer(DefaultTrainer):
             name, attr = key.rsplit(":", 1)
             setattr(model.get_submodule(name), attr, value)
 
+    def run_step(self):
+        """One training step, with TorchScript's graph-executor optimisation off.
+
+        fvcore's focal loss (RetinaNet, FCOS) is a scripted function. Its profiling executor runs
+        the first call in a process as plain autograd and later calls through symbolic autodiff,
+        which rounds the gradients differently: a run resumed in a new process (or the first run in
+        a process) would not repeat the uninterrupted run bit for bit. Unoptimised, every call is
+        computed like eager PyTorch (the flag is per thread; the forward runs on this one)."""
+        with torch.jit.optimized_execution(False):
+            super().run_step()
+
     def resume_or_load(self, resume=True):
         super().resume_or_load(resume=resume)
         if self._sampler is not None:  # continue the data stream where the checkpoint left it
