@@ -149,15 +149,16 @@ def mini_data(tmp_path_factory):
     return root
 
 
-def _train_net_cmd(mini_data, config="retinanet_r18_student.yaml"):
-    """train_net.py on the mini dataset (a subprocess reads it from disk by --dataset)."""
+def _train_net_cmd(mini_data):
+    """train_net.py with the RetinaNet student config on the mini dataset (a subprocess reads it
+    from disk by --dataset)."""
     spec = ShapesSpec(seed=1, sizes=(12, 6, 6), image_size=96, root=str(mini_data))
     ds = f"{MINI}_train:{spec.json_path('train')}:{spec.image_root('train')}"
     return [
         sys.executable,
         os.path.join(REPO, "train_net.py"),
         "--config-file",
-        os.path.join(REPO, "configs", "shapes", config),
+        os.path.join(REPO, "configs", "shapes", "retinanet_r18_student.yaml"),
         "--dataset",
         ds,
     ]
