@@ -112,10 +112,12 @@ def attach_cost(records, cost_rows):
     return records
 
 
-def merge_records(records, paths, fam, iters, teacher_ap):
+def merge_records(records, paths, fam, iters, teacher_ap, modes=None):
     """Add the records of earlier invocations (their ``<stem>_runs.json`` files, ``paths``) for
     every (variant, seed) this invocation did not run, so one table can gather runs trained in
-    separate sessions. A run is deterministic given its seed and teacher, so a merged record
+    separate sessions; ``modes`` (None: all) limits which variants are taken from the files, so a
+    run with overrides can borrow the student alone without also borrowing, say, a ``fitnet``
+    trained at another loss weight. A run is deterministic given its seed and teacher, so a merged record
     stands for the run this invocation would have made, provided it was trained with the same
     family, schedule and teacher: a differing family or iteration count, or a teacher whose test
     AP differs, is an error. Returns (records sorted by seed then variant, the merged files'
@@ -141,6 +143,8 @@ def merge_records(records, paths, fam, iters, teacher_ap):
                     f"--merge {path}: a {r['family']} run of {r['iterations']} iterations cannot "
                     f"join a {fam} table of {iters} iterations; pass --family/--iters to match"
                 )
+            if modes is not None and r["mode"] not in modes:
+                continue
             if (r["mode"], r["seed"]) in have:
                 continue  # this invocation's run, or an earlier file's, takes precedence
             have.add((r["mode"], r["seed"]))
@@ -280,6 +284,15 @@ def main(argv=None):
         "report where this invocation did not run them (same family, --iters and teacher only); "
         "repeat the flag for several files",
     )
+    p.add_argument(
+        "--merge-modes",
+        nargs="*",
+        choices=MODES,
+        default=None,
+        help="take only these variants from the --merge files (default: all), e.g. 'none' to "
+        "compare a run with overrides against the student alone without mixing in variants "
+        "that were trained without those overrides",
+    )
     p.add_argument("--quick", action="store_true", help="every variant, 1 seed, a few iterations")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides for every run")
     args = p.parse_args(argv)
@@ -316,7 +329,7 @@ def main(argv=None):
         mark_teacher(teacher_dir, teacher_iters)
     teacher_ap = final_ap(teacher_dir, TEST)["AP"]
     try:  # fail before training the students, not after
-        merge_records([], args.merge, fam, args.iters, teacher_ap)
+        merge_records([], args.merge, fam, args.iters, teacher_ap, args.merge_modes)
     except (OSError, ValueError) as e:
         p.error(str(e))
 
@@ -332,7 +345,9 @@ def main(argv=None):
             )
         )
 
-    records, merged_commands = merge_records(records, args.merge, fam, args.iters, teacher_ap)
+    records, merged_commands = merge_records(
+        records, args.merge, fam, args.iters, teacher_ap, args.merge_modes
+    )
 
     os.makedirs(args.results, exist_ok=True)
     stem = args.name or (f"{fam}_quick" if args.quick else fam)
@@ -369,7 +384,9 @@ def main(argv=None):
     if merged_commands:
         text += (
             f"\n{len(records) - len(ran)} of the {len(records)} records were merged (`--merge`) "
-            "from runs trained by earlier invocations against the same teacher: "
+            "from runs trained by earlier invocations against the same teacher"
+            + (f" (variants taken: {', '.join(args.merge_modes)})" if args.merge_modes else "")
+            + ": "
             + "; ".join(merged_commands)
             + ".\n"
         )

@@ -267,6 +267,11 @@ def test_run_benchmark_merge_records_joins_earlier_runs_of_the_same_teacher(tmp_
         ("tid", 1, 11.0, None),  # this invocation's run, not the file's 99.0
     ]
     assert commands == [f"`rcnn_seed0_runs.json`: `python {cmd}`"]
+    # --merge-modes none: only the student alone is borrowed (the file's tid may be another lambda)
+    records, _ = run_benchmark.merge_records([], [str(earlier)], "rcnn", 1000, 64.5, ["none"])
+    assert [(r["mode"], r["seed"], r.get("merged_from")) for r in records] == [
+        ("none", 0, "rcnn_seed0_runs.json")
+    ]
 
     with pytest.raises(ValueError, match="teacher with test AP 64.5000.*64.6000"):
         run_benchmark.merge_records(now, [str(earlier)], "rcnn", 1000, 64.6)
