@@ -117,10 +117,10 @@ def merge_records(records, paths, fam, iters, teacher_ap, modes=None):
     every (variant, seed) this invocation did not run, so one table can gather runs trained in
     separate sessions; ``modes`` (None: all) limits which variants are taken from the files, so a
     run with overrides can borrow the student alone without also borrowing, say, a ``fitnet``
-    trained at another loss weight. A run is deterministic given its seed and teacher, so a merged record
-    stands for the run this invocation would have made, provided it was trained with the same
-    family, schedule and teacher: a differing family or iteration count, or a teacher whose test
-    AP differs, is an error. Returns (records sorted by seed then variant, the merged files'
+    trained at another loss weight. A run is deterministic given its seed and teacher, so a merged
+    record stands for the run this invocation would have made, provided it was trained with the
+    same family, schedule and teacher: a differing family or iteration count, or a teacher whose
+    test AP differs, is an error. Returns (records sorted by seed then variant, the merged files'
     commands); merged records carry ``merged_from`` (the file's name)."""
     have = {(r["mode"], r["seed"]) for r in records}
     merged, commands = list(records), []
