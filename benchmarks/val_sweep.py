@@ -256,6 +256,26 @@ SETTINGS = [
         imitate("tid", "0.01", *ORTH_FIXED),
         "pretrained MobileNetV2-FPN64 student, TID lambda 0.01, fixed orthogonal adapters",
     ),
+    # the pretrained student (the paper's setting: both backbones ImageNet-initialised) under the
+    # shipped TID, the location-normalised TID that was harmless on the ResNet-18, and uniform
+    (
+        "mnv2s_tid_l0.001",
+        MNV2S_TID,
+        imitate("tid", "0.001"),
+        "pretrained MobileNetV2-FPN64 student, TID lambda 0.001 (shipped)",
+    ),
+    (
+        "mnv2s_tid_l0.01_loc",
+        MNV2S_TID,
+        imitate("tid", "0.01", *LOCATIONS),
+        "pretrained MobileNetV2-FPN64 student, TID lambda 0.01, location-count normalisation",
+    ),
+    (
+        "mnv2s_fitnet_l0.001",
+        MNV2S_TID,
+        imitate("fitnet", "0.001"),
+        "pretrained MobileNetV2-FPN64 student, uniform imitation lambda 0.001",
+    ),
 ]
 
 
