@@ -33,6 +33,7 @@ from tid_d2.runs import (  # noqa: E402
     fmt_mean_std,
     format_table,
     has_final_ap,
+    machine_info,
     reuse_state,
     mark_teacher,
     mean_std,
@@ -472,8 +473,8 @@ def main(argv=None):
         + ("Val AP at each evaluation:\n\n" + "\n".join(curves) + "\n\n" if curves else "")
         + "Command: `python benchmarks/val_sweep.py "
         + " ".join(sys.argv[1:])
-        + f"` ({(time.time() - start) / 60:.0f} min for the runs not reused; 1000 iterations take "
-        "12-16 min on one core with two runs at once on the 2-core CPU). Each run:\n\n"
+        + f"` ({(time.time() - start) / 60:.0f} min for the runs not reused, {args.parallel} at "
+        f"once, on {machine_info()['cpu']}). Each run:\n\n"
         + f"- teacher: `python train_net.py --config-file configs/shapes/retinanet_mnv2_teacher.yaml "
         f"OUTPUT_DIR {os.path.relpath(teacher_dir, REPO_ROOT)} DATALOADER.NUM_WORKERS 1`\n"
         + "\n".join(f"- `{r['command']}`" for r in records)
