@@ -40,9 +40,14 @@ def train_net(
     label: str = "",
     quiet: bool = False,
     resume: bool = False,
+    threads: Optional[int] = None,
 ) -> float:
     """Run ``train_net.py`` in a subprocess; its full log goes to ``output_dir/train_net.log``,
     and one progress line per logging period (iteration, total loss, ETA) to stdout.
+
+    ``threads`` sets the subprocess's ``OMP_NUM_THREADS``/``MKL_NUM_THREADS`` (PyTorch's intra-op
+    threads), so runs started side by side share the cores instead of oversubscribing them;
+    None keeps the caller's environment.
 
     ``resume`` continues from ``output_dir/last_checkpoint`` (``--resume``). A fresh training run
     in a folder that holds an earlier run's ``metrics.json`` first renames that file to
@@ -66,6 +71,8 @@ def train_net(
     start = time.time()
     tail: List[str] = []
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if threads is not None:
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     with open(log_path, "w", buffering=1) as log:  # line-buffered: `tail -f` shows progress
         log.write("$ " + " ".join(cmd) + "\n")
         log.flush()

@@ -3,13 +3,19 @@
 
 1. generates tid_shapes (first run only);
 2. trains the MobileNetV2-FPN teacher (or reuses output/demo/<family>_teacher/model_final.pth
-   when it was trained on the same tid_shapes data and schedule);
-3. trains the ResNet-18 student alone (``TID.MODE none``, the same code path) and the TID
-   student on the same schedule; the TID run first evaluates the teacher (strict-load check);
+   when it was trained on the same tid_shapes data and schedule) and, side by side with it, the
+   ResNet-18 student alone (``TID.MODE none``, the same code path; it needs no teacher), each on
+   half the cores;
+3. trains the TID student on the same schedule, on every core; the TID run first evaluates the
+   teacher (strict-load check);
 4. evaluates all three on tid_shapes_test with COCOEvaluator and prints one table, also written
-   to output/demo/results.md.
+   to output/demo/results.md and results.json.
 
-    python tools/demo.py [--family retinanet] [--iters 1000] [--output output/demo]
+    python tools/demo.py [--family retinanet] [--iters 1000] [--output output/demo] [KEY VALUE ...]
+
+Trailing ``KEY VALUE`` pairs override the config of every run (teacher included), as in
+``run_benchmark.py``. ``--sequential`` trains the teacher and the student alone one after the
+other, each on every core (slower on 2 cores: small models gain little from a second thread).
 """
 
 import argparse
@@ -17,6 +23,7 @@ import json
 import os
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -30,6 +37,7 @@ from tid_d2.runs import (  # noqa: E402
 )
 
 TEST = "tid_shapes_test"
+MODES = {"none": "student alone (R18-FPN64)", "tid": "TID student (R18-FPN64)"}
 
 
 def main(argv=None):
@@ -40,6 +48,12 @@ def main(argv=None):
     parser.add_argument("--iters", type=int, default=1000, help="iterations of each training run")
     parser.add_argument("--output", default=os.path.join(REPO_ROOT, "output", "demo"))
     parser.add_argument("--retrain-teacher", action="store_true", help="ignore a cached teacher")
+    parser.add_argument(
+        "--sequential",
+        action="store_true",
+        help="train the teacher and the student alone one after the other, not side by side",
+    )
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides for every run")
     args = parser.parse_args(argv)
 
     from tid_d2.data import ensure_generated
@@ -51,42 +65,70 @@ def main(argv=None):
 
     fam = args.family
     cfg_dir = os.path.join(REPO_ROOT, "configs", "shapes")
-    schedule = ["SOLVER.MAX_ITER", str(args.iters), "DATASETS.TEST", f"('{TEST}',)"]
+    schedule = ["SOLVER.MAX_ITER", str(args.iters), "DATASETS.TEST", f"('{TEST}',)"] + args.opts
     teacher_dir = os.path.join(args.output, f"{fam}_teacher")
     teacher_weights = os.path.join(teacher_dir, "model_final.pth")
-    rows = []
+    tid_cfg = os.path.join(cfg_dir, f"tid_{fam}.yaml")
+    teacher_opts = ["TID.TEACHER.WEIGHTS", teacher_weights]
+    student_dirs = {mode: os.path.join(args.output, f"{fam}_student_{mode}") for mode in MODES}
 
-    if args.retrain_teacher or cached_teacher(teacher_dir, args.iters) is None:
-        print(
-            f"[demo] 1/3 training the teacher ({fam}, MobileNetV2-FPN128, ImageNet init)",
-            flush=True,
-        )
+    def train_teacher(threads=None):
         secs = train_net(
             os.path.join(cfg_dir, f"{fam}_mnv2_teacher.yaml"),
             teacher_dir,
             schedule,
             label="teacher",
+            threads=threads,
         )
         mark_teacher(teacher_dir, args.iters)
-    else:
-        print(f"[demo] 1/3 reusing the cached teacher {teacher_weights}", flush=True)
-        secs = 0.0
-    rows.append(
-        {"model": "teacher (MobileNetV2-FPN128)", **final_ap(teacher_dir), "train min": secs / 60}
-    )
+        return secs
 
-    tid_cfg = os.path.join(cfg_dir, f"tid_{fam}.yaml")
-    teacher_opts = ["TID.TEACHER.WEIGHTS", teacher_weights]
-    for step, (mode, name) in enumerate(
-        [("none", "student alone (R18-FPN64)"), ("tid", "TID student (R18-FPN64)")], 2
-    ):
-        out = os.path.join(args.output, f"{fam}_student_{mode}")
-        print(f"[demo] {step}/3 training the {name}", flush=True)
+    def train_student(mode, threads=None):
         extra = ["TID.TEACHER.EVAL_BEFORE_TRAIN", "True"] if mode == "tid" else []
-        secs = train_net(
-            tid_cfg, out, schedule + teacher_opts + ["TID.MODE", mode] + extra, label=mode
+        return train_net(
+            tid_cfg,
+            student_dirs[mode],
+            schedule + teacher_opts + ["TID.MODE", mode] + extra,
+            label=mode,
+            threads=threads,
         )
-        rows.append({"model": name, **final_ap(out), "train min": secs / 60})
+
+    minutes = {}
+    need_teacher = args.retrain_teacher or cached_teacher(teacher_dir, args.iters) is None
+    cores = os.cpu_count() or 1
+    if need_teacher and not args.sequential and cores >= 2:
+        half = cores // 2
+        print(
+            f"[demo] 1-2/3 training the teacher ({fam}, MobileNetV2-FPN128, ImageNet init) and "
+            f"the {MODES['none']} side by side, {half} thread(s) each",
+            flush=True,
+        )
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            teacher_job = pool.submit(train_teacher, half)
+            alone_job = pool.submit(train_student, "none", cores - half)
+            minutes["teacher"] = teacher_job.result() / 60
+            minutes["none"] = alone_job.result() / 60
+    else:
+        if need_teacher:
+            print(f"[demo] 1/3 training the teacher ({fam}, MobileNetV2-FPN128)", flush=True)
+            minutes["teacher"] = train_teacher() / 60
+        else:
+            print(f"[demo] 1/3 reusing the cached teacher {teacher_weights}", flush=True)
+            minutes["teacher"] = 0.0
+        print(f"[demo] 2/3 training the {MODES['none']}", flush=True)
+        minutes["none"] = train_student("none") / 60
+    print(f"[demo] 3/3 training the {MODES['tid']}", flush=True)
+    minutes["tid"] = train_student("tid") / 60
+
+    rows = [
+        {
+            "model": "teacher (MobileNetV2-FPN128)",
+            **final_ap(teacher_dir),
+            "train min": minutes["teacher"],
+        }
+    ]
+    for mode, name in MODES.items():
+        rows.append({"model": name, **final_ap(student_dirs[mode]), "train min": minutes[mode]})
 
     table = format_table(rows, ["model", "AP", "AP50", "AP75", "APs", "APm", "APl", "train min"])
     gain = rows[2]["AP"] - rows[1]["AP"]

@@ -1,0 +1,43 @@
+"""The main job (tools/demo.py) end to end on tiny data: teacher and student alone side by side,
+then the TID student, one table."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.slow
+def test_demo_trains_three_models_and_prints_one_table(tmp_path):
+    env = dict(
+        os.environ,
+        TID_D2_DATASETS=str(tmp_path / "data"),
+        TID_D2_SHAPES_SIZES="12,6,6",
+        TID_D2_SHAPES_IMAGE_SIZE="96",
+    )
+    tiny = ["MODEL.FPN.OUT_CHANNELS", "16", "MODEL.RETINANET.NUM_CONVS", "1"]
+    cmd = [sys.executable, os.path.join(REPO, "tools", "demo.py"), "--iters", "2"]
+    cmd += ["--output", str(tmp_path / "demo"), *tiny, "TID.TEACHER.OPTS", repr(tiny)]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    if (os.cpu_count() or 1) >= 2:
+        assert "side by side" in out.stdout  # the student alone does not wait for the teacher
+
+    rows = json.load(open(tmp_path / "demo" / "results.json"))
+    assert [r["model"].split(" (")[0] for r in rows] == ["teacher", "student alone", "TID student"]
+    for r in rows:
+        assert {"AP", "AP50", "AP75", "APs", "APm", "APl", "train min"} <= set(r)
+        assert r["train min"] > 0
+    text = open(tmp_path / "demo" / "results.md").read()
+    assert "TID - student alone:" in text and "| TID student (R18-FPN64) |" in text
+    assert text.splitlines()[0] == "COCO bbox AP on tid_shapes_test (retinanet, 2 iterations each)"
+    # every run got the overrides: the students' configs hold the tiny FPN, the teacher's too
+    for run in ("retinanet_teacher", "retinanet_student_none", "retinanet_student_tid"):
+        assert "OUT_CHANNELS: 16" in open(tmp_path / "demo" / run / "config.yaml").read()
+    # the TID run checked the teacher it loaded before training (TID.TEACHER.EVAL_BEFORE_TRAIN)
+    metrics = open(tmp_path / "demo" / "retinanet_student_tid" / "metrics.json").read()
+    assert '"teacher/tid_shapes_test/AP"' in metrics
