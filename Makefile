@@ -10,7 +10,8 @@ $(STAMP): scripts/setup_env.sh setup.py
 
 setup: $(STAMP)
 
-# Main job: teacher (trained once, cached) -> student alone -> TID student, one table on tid_shapes_test.
+# Main job (FCOS): teacher (trained once, cached) and student alone side by side -> TID student,
+# one table on tid_shapes_test. `.venv/bin/python tools/demo.py --family retinanet` for RetinaNet.
 demo: $(STAMP)
 	$(PY) tools/demo.py
 

@@ -13,13 +13,14 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.mark.slow
 def test_demo_trains_three_models_and_prints_one_table(tmp_path):
+    """The default family (FCOS) with a tiny head and FPN, 2 iterations per run."""
     env = dict(
         os.environ,
         TID_D2_DATASETS=str(tmp_path / "data"),
         TID_D2_SHAPES_SIZES="12,6,6",
         TID_D2_SHAPES_IMAGE_SIZE="96",
     )
-    tiny = ["MODEL.FPN.OUT_CHANNELS", "16", "MODEL.RETINANET.NUM_CONVS", "1"]
+    tiny = ["MODEL.FPN.OUT_CHANNELS", "32", "MODEL.FCOS.NUM_CONVS", "1"]  # GN: 32 groups
     cmd = [sys.executable, os.path.join(REPO, "tools", "demo.py"), "--iters", "2"]
     cmd += ["--output", str(tmp_path / "demo"), *tiny, "TID.TEACHER.OPTS", repr(tiny)]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO)
@@ -34,10 +35,10 @@ def test_demo_trains_three_models_and_prints_one_table(tmp_path):
         assert r["train min"] > 0
     text = open(tmp_path / "demo" / "results.md").read()
     assert "TID - student alone:" in text and "| TID student (R18-FPN64) |" in text
-    assert text.splitlines()[0] == "COCO bbox AP on tid_shapes_test (retinanet, 2 iterations each)"
+    assert text.splitlines()[0] == "COCO bbox AP on tid_shapes_test (fcos, 2 iterations each)"
     # every run got the overrides: the students' configs hold the tiny FPN, the teacher's too
-    for run in ("retinanet_teacher", "retinanet_student_none", "retinanet_student_tid"):
-        assert "OUT_CHANNELS: 16" in open(tmp_path / "demo" / run / "config.yaml").read()
+    for run in ("fcos_teacher", "fcos_student_none", "fcos_student_tid"):
+        assert "OUT_CHANNELS: 32" in open(tmp_path / "demo" / run / "config.yaml").read()
     # the TID run checked the teacher it loaded before training (TID.TEACHER.EVAL_BEFORE_TRAIN)
-    metrics = open(tmp_path / "demo" / "retinanet_student_tid" / "metrics.json").read()
+    metrics = open(tmp_path / "demo" / "fcos_student_tid" / "metrics.json").read()
     assert '"teacher/tid_shapes_test/AP"' in metrics
