@@ -1,5 +1,5 @@
 """The main job (tools/demo.py) end to end on tiny data: teacher and student alone side by side,
-then the TID student, one table."""
+then the TID student, one table; again with the cached teacher."""
 
 import json
 import os
@@ -42,3 +42,17 @@ def test_demo_trains_three_models_and_prints_one_table(tmp_path):
     # the TID run checked the teacher it loaded before training (TID.TEACHER.EVAL_BEFORE_TRAIN)
     metrics = open(tmp_path / "demo" / "fcos_student_tid" / "metrics.json").read()
     assert '"teacher/tid_shapes_test/AP"' in metrics
+
+    # a second demo reuses the cached teacher and trains the two students side by side
+    teacher = tmp_path / "demo" / "fcos_teacher" / "model_final.pth"
+    mtime = os.path.getmtime(teacher)
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "reusing the cached teacher" in out.stdout
+    if (os.cpu_count() or 1) >= 2:
+        assert (
+            "student alone (R18-FPN64) and the TID student (R18-FPN64) side by side" in out.stdout
+        )
+    assert os.path.getmtime(teacher) == mtime
+    rows = json.load(open(tmp_path / "demo" / "results.json"))
+    assert rows[0]["train min"] == 0.0 and rows[1]["train min"] > 0 and rows[2]["train min"] > 0

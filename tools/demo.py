@@ -6,8 +6,8 @@
    when it was trained on the same tid_shapes data and schedule) and, side by side with it, the
    ResNet-18 student alone (``TID.MODE none``, the same code path; it needs no teacher), each on
    half the cores;
-3. trains the TID student on the same schedule, on every core; the TID run first evaluates the
-   teacher (strict-load check);
+3. trains the TID student on the same schedule, on every core (with a cached teacher, the two
+   students side by side); the TID run first evaluates the teacher (strict-load check);
 4. evaluates all three on tid_shapes_test with COCOEvaluator and prints one table, also written
    to output/demo/results.md and results.json.
 
@@ -18,8 +18,8 @@ student on this data (README, "FCOS test benchmark"); ``--family retinanet`` or 
 same pipeline for the two families where it does not.
 
 Trailing ``KEY VALUE`` pairs override the config of every run (teacher included), as in
-``run_benchmark.py``. ``--sequential`` trains the teacher and the student alone one after the
-other, each on every core (slower on 2 cores: small models gain little from a second thread).
+``run_benchmark.py``. ``--sequential`` trains one model after the other, each on every core
+(slower on 2 cores: these small models gain little from a second thread).
 """
 
 import argparse
@@ -97,32 +97,30 @@ def main(argv=None):
             threads=threads,
         )
 
-    minutes = {}
     need_teacher = args.retrain_teacher or cached_teacher(teacher_dir, args.iters) is None
+    jobs = {
+        "teacher": (f"the teacher ({fam}, MobileNetV2-FPN128, ImageNet init)", train_teacher),
+        "none": (f"the {MODES['none']}", lambda threads: train_student("none", threads)),
+        "tid": (f"the {MODES['tid']}", lambda threads: train_student("tid", threads)),
+    }
+    # independent runs side by side: the student alone needs no teacher, and with a cached
+    # teacher the two students need nothing from each other
+    stages = [["teacher", "none"], ["tid"]] if need_teacher else [["none", "tid"]]
     cores = os.cpu_count() or 1
-    if need_teacher and not args.sequential and cores >= 2:
-        half = cores // 2
-        print(
-            f"[demo] 1-2/3 training the teacher ({fam}, MobileNetV2-FPN128, ImageNet init) and "
-            f"the {MODES['none']} side by side, {half} thread(s) each",
-            flush=True,
-        )
-        with ThreadPoolExecutor(max_workers=2) as pool:
-            teacher_job = pool.submit(train_teacher, half)
-            alone_job = pool.submit(train_student, "none", cores - half)
-            minutes["teacher"] = teacher_job.result() / 60
-            minutes["none"] = alone_job.result() / 60
-    else:
-        if need_teacher:
-            print(f"[demo] 1/3 training the teacher ({fam}, MobileNetV2-FPN128)", flush=True)
-            minutes["teacher"] = train_teacher() / 60
-        else:
-            print(f"[demo] 1/3 reusing the cached teacher {teacher_weights}", flush=True)
-            minutes["teacher"] = 0.0
-        print(f"[demo] 2/3 training the {MODES['none']}", flush=True)
-        minutes["none"] = train_student("none") / 60
-    print(f"[demo] 3/3 training the {MODES['tid']}", flush=True)
-    minutes["tid"] = train_student("tid") / 60
+    if args.sequential or cores < 2:
+        stages = [[name] for stage in stages for name in stage]
+    minutes = {"teacher": 0.0}
+    if not need_teacher:
+        print(f"[demo] reusing the cached teacher {teacher_weights}", flush=True)
+    for stage in stages:
+        threads = max(1, cores // len(stage)) if len(stage) > 1 else None
+        what = " and ".join(jobs[name][0] for name in stage)
+        how = f" side by side, {threads} thread(s) each" if len(stage) > 1 else ""
+        print(f"[demo] training {what}{how}", flush=True)
+        with ThreadPoolExecutor(max_workers=len(stage)) as pool:
+            running = {name: pool.submit(jobs[name][1], threads) for name in stage}
+            for name, job in running.items():
+                minutes[name] = job.result() / 60
 
     rows = [
         {
