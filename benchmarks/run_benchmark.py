@@ -56,7 +56,7 @@ MODES = ["none", "fitnet", "gt_mask", "cls_only", "reg_only", "no_ldam", "tid"]
 VAL, TEST = "tid_shapes_val", "tid_shapes_test"
 
 
-def _run_variant(args, fam, mode, seed, teacher_weights, out_root, extra):
+def _run_variant(args, fam, mode, seed, teacher_weights, out_root, extra, threads=None):
     out = os.path.join(out_root, f"{fam}_{mode}_s{seed}")
     opts = [
         "SEED",
@@ -87,6 +87,7 @@ def _run_variant(args, fam, mode, seed, teacher_weights, out_root, extra):
             label=f"{mode} s{seed}",
             quiet=args.parallel > 1,
             resume=state == "resumable",
+            threads=threads,
         )
     record = {"family": fam, "mode": mode, "seed": seed, "iterations": args.iters, "wall_s": secs}
     record["resumed"] = state == "resumable"
@@ -333,14 +334,15 @@ def main(argv=None):
     except (OSError, ValueError) as e:
         p.error(str(e))
 
-    if args.parallel > 1:  # after the teacher, which runs alone and uses every core
-        threads = str(max(1, (os.cpu_count() or 2) // args.parallel))
-        os.environ.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
+    # the teacher ran alone on every core; parallel students share them
+    threads = max(1, (os.cpu_count() or 2) // args.parallel) if args.parallel > 1 else None
     jobs = [(m, s) for s in args.seeds for m in args.modes]
     with ThreadPoolExecutor(max_workers=args.parallel) as pool:
         records = list(
             pool.map(
-                lambda j: _run_variant(args, fam, j[0], j[1], teacher_weights, args.output, extra),
+                lambda j: _run_variant(
+                    args, fam, j[0], j[1], teacher_weights, args.output, extra, threads
+                ),
                 jobs,
             )
         )

@@ -55,7 +55,7 @@ def main(argv=None):
     parser.add_argument(
         "--sequential",
         action="store_true",
-        help="train the teacher and the student alone one after the other, not side by side",
+        help="train one model after the other, each on every core, not independent ones side by side",
     )
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides for every run")
     args = parser.parse_args(argv)
