@@ -15,6 +15,18 @@ from tid_d2.config import get_cfg
 NUM_CLASSES = 3
 
 
+def tiny_shapes_env(root, **extra) -> Dict[str, str]:
+    """The environment for a subprocess that generates and trains on tiny tid_shapes data under
+    ``root`` (12 / 6 / 6 images of 96 px for train / val / test), plus ``extra`` variables."""
+    return dict(
+        os.environ,
+        TID_D2_DATASETS=str(root),
+        TID_D2_SHAPES_SIZES="12,6,6",
+        TID_D2_SHAPES_IMAGE_SIZE="96",
+        **extra,
+    )
+
+
 def tiny_cfg(family: str = "RetinaNet", width: int = 16, depth: int = 18):
     """A CPU-tiny detector config: ResNet-18 (BN, from scratch) + FPN of ``width`` channels."""
     cfg = get_cfg()

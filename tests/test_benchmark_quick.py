@@ -9,6 +9,8 @@ import pytest
 
 from tid_d2.runs import code_version
 
+from .helpers import tiny_shapes_env
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -25,13 +27,7 @@ def _benchmark_script(name: str):
 
 @pytest.mark.slow
 def test_benchmark_quick_runs_every_variant(tmp_path):
-    env = dict(
-        os.environ,
-        TID_D2_DATASETS=str(tmp_path / "data"),
-        TID_D2_SHAPES_SIZES="12,6,6",
-        TID_D2_SHAPES_IMAGE_SIZE="96",
-        OMP_NUM_THREADS="1",
-    )
+    env = tiny_shapes_env(tmp_path / "data", OMP_NUM_THREADS="1")
     cmd = [
         sys.executable,
         os.path.join(REPO, "benchmarks", "run_benchmark.py"),

@@ -8,18 +8,15 @@ import sys
 
 import pytest
 
+from .helpers import tiny_shapes_env
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.slow
 def test_demo_trains_three_models_and_prints_one_table(tmp_path):
     """The default family (FCOS) with a tiny head and FPN, 2 iterations per run."""
-    env = dict(
-        os.environ,
-        TID_D2_DATASETS=str(tmp_path / "data"),
-        TID_D2_SHAPES_SIZES="12,6,6",
-        TID_D2_SHAPES_IMAGE_SIZE="96",
-    )
+    env = tiny_shapes_env(tmp_path / "data")
     tiny = ["MODEL.FPN.OUT_CHANNELS", "32", "MODEL.FCOS.NUM_CONVS", "1"]  # GN: 32 groups
     cmd = [sys.executable, os.path.join(REPO, "tools", "demo.py"), "--iters", "2"]
     cmd += ["--output", str(tmp_path / "demo"), *tiny, "TID.TEACHER.OPTS", repr(tiny)]
