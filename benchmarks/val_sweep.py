@@ -390,9 +390,8 @@ def main(argv=None):
         "--name", default="retinanet_val_sweep", help="file stem of the results (.md / .json)"
     )
     args = p.parse_args(argv)
-    if args.parallel > 1:
-        threads = str(max(1, (os.cpu_count() or 2) // args.parallel))
-        os.environ.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
+    # every run, the teacher's included, on its share of the cores
+    threads = max(1, (os.cpu_count() or 2) // args.parallel) if args.parallel > 1 else None
     cfg_dir = os.path.join(REPO_ROOT, "configs", "shapes")
     settings = [s for s in SETTINGS if args.only is None or s[0] in args.only]
     start = time.time()
@@ -404,6 +403,7 @@ def main(argv=None):
             teacher_dir,
             ["DATALOADER.NUM_WORKERS", "1"],
             label="teacher",
+            threads=threads,
         )
         mark_teacher(teacher_dir, 1000)
     teacher = os.path.join(teacher_dir, "model_final.pth")
@@ -426,7 +426,15 @@ def main(argv=None):
         config_file = os.path.join(cfg_dir, config)
         state = reuse_state(out, config_file, full, VAL, schedule(opts)) if args.reuse else "new"
         if state != "finished":
-            train_net(config_file, out, full, label=name, quiet=True, resume=state == "resumable")
+            train_net(
+                config_file,
+                out,
+                full,
+                label=name,
+                quiet=True,
+                resume=state == "resumable",
+                threads=threads,
+            )
         shown = [os.path.relpath(o, REPO_ROOT) if o.startswith(REPO_ROOT) else o for o in full]
         cmd = (
             f"python train_net.py --config-file configs/shapes/{config} "
