@@ -14,6 +14,7 @@ writes benchmarks/results/<family>_cost.md and <family>_cost.json.
 import argparse
 import json
 import os
+import shlex
 import statistics
 import sys
 import time
@@ -177,7 +178,7 @@ def main(argv=None):
             ["measured", "sec/iter", "peak MB", "step / (student step + teacher inf.)"],
             "{:.3f}",
         )
-        + f"\n\nCommand: `python benchmarks/cost.py {' '.join(sys.argv[1:])}`\n"
+        + f"\n\nCommand: `python benchmarks/cost.py {shlex.join(sys.argv[1:])}`\n"
     )
     write_results(args.results, f"{args.family}_cost", md, rows)
     return 0

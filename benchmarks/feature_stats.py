@@ -14,6 +14,7 @@ writes benchmarks/results/<name>.md / .json.
 
 import argparse
 import os
+import shlex
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -79,7 +80,7 @@ def main(argv=None):
     md = (
         f"FPN feature scale per level ({args.dataset}, first {args.images} images, eval mode):\n\n"
         + format_table(rows, list(rows[0]))
-        + f"\n\nCommand: `python benchmarks/feature_stats.py {' '.join(sys.argv[1:])}`\n"
+        + f"\n\nCommand: `python benchmarks/feature_stats.py {shlex.join(sys.argv[1:])}`\n"
     )
     write_results(args.results, args.name, md, data)
     return 0

@@ -15,6 +15,7 @@ trainable parameters (student and adapters). Writes ``benchmarks/results/<stem>.
 
 import argparse
 import os
+import shlex
 import statistics
 import sys
 
@@ -116,7 +117,7 @@ def main(argv=None):
         "(batch 8)\n\n"
         + format_table(records, cols)
         + "\n\nCommand: `python benchmarks/grad_norms.py "
-        + " ".join(f'"{a}"' if " " in a else a for a in sys.argv[1:])
+        + shlex.join(sys.argv[1:])
         + "`\n"
     )
     write_results(args.results, args.stem, md, records)

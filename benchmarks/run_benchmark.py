@@ -29,6 +29,7 @@ Cost (sec/iter, peak memory) is measured separately on identical batches by
 import argparse
 import json
 import os
+import shlex
 import statistics
 import sys
 import time
@@ -364,7 +365,7 @@ def main(argv=None):
             {
                 "teacher_AP": teacher_ap,
                 "teacher_iterations": teacher_iters,
-                "command": " ".join(sys.argv),
+                "command": shlex.join(sys.argv),
                 "machine": machine_info(),
                 "code": code_version(),
                 "runs": records,
@@ -379,7 +380,7 @@ def main(argv=None):
     reused = sum(r["wall_s"] is None for r in ran)
     resumed = sum(r["resumed"] for r in ran)
     text += (
-        f"\n\nCommand: `python benchmarks/run_benchmark.py {' '.join(sys.argv[1:])}`; wall time "
+        f"\n\nCommand: `python benchmarks/run_benchmark.py {shlex.join(sys.argv[1:])}`; wall time "
         f"{(time.time() - start) / 60:.0f} min ({reused} of {len(ran)} student runs reused "
         f"finished from earlier invocations, {resumed} resumed from a checkpoint).\n"
     )

@@ -15,6 +15,7 @@ writes benchmarks/results/<family>_scaling.md / .json.
 import argparse
 import json
 import os
+import shlex
 import statistics
 import sys
 import time
@@ -174,7 +175,7 @@ def main(argv=None):
             ["GT boxes / image", "image", "ms (sig + regions + loss)", "extra peak MB"],
             "{:.1f}",
         )
-        + f"\n\nCommand: `python benchmarks/scaling.py {' '.join(sys.argv[1:])}`\n"
+        + f"\n\nCommand: `python benchmarks/scaling.py {shlex.join(sys.argv[1:])}`\n"
     )
     write_results(args.results, f"{args.family}_scaling", md, rows)
     return 0

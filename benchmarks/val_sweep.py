@@ -18,6 +18,7 @@ every run).
 import argparse
 import json
 import os
+import shlex
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -480,7 +481,7 @@ def main(argv=None):
         "includes lambda).\n\n"
         + ("Val AP at each evaluation:\n\n" + "\n".join(curves) + "\n\n" if curves else "")
         + "Command: `python benchmarks/val_sweep.py "
-        + " ".join(sys.argv[1:])
+        + shlex.join(sys.argv[1:])
         + f"` ({(time.time() - start) / 60:.0f} min for the runs not reused, {args.parallel} at "
         f"once, on {machine_info()['cpu']}). Each run:\n\n"
         + f"- teacher: `python train_net.py --config-file configs/shapes/retinanet_mnv2_teacher.yaml "
