@@ -2,6 +2,7 @@
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 
@@ -51,6 +52,8 @@ def test_benchmark_quick_runs_every_variant(tmp_path):
     assert data["teacher_iterations"] == 3
     assert set(data["machine"]) == {"cpu", "cpu_count", "torch", "cpu_capability"}
     assert data["code"] == code_version()  # the checkout's commit (None outside git)
+    # the recorded command pastes back as the same arguments (TID.TEACHER.OPTS has spaces)
+    assert shlex.split(data["command"]) == cmd[1:]
     modes = {r["mode"] for r in data["runs"]}
     assert modes == {"none", "fitnet", "gt_mask", "cls_only", "reg_only", "no_ldam", "tid"}
     for r in data["runs"]:
