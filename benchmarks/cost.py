@@ -14,7 +14,6 @@ writes benchmarks/results/<family>_cost.md and <family>_cost.json.
 import argparse
 import json
 import os
-import shlex
 import statistics
 import sys
 import time
@@ -23,6 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from tid_d2.runs import (
     REPO_ROOT,
+    command_line,
     format_table,
     peak_memory_mb,
     run_child,
@@ -178,7 +178,7 @@ def main(argv=None):
             ["measured", "sec/iter", "peak MB", "step / (student step + teacher inf.)"],
             "{:.3f}",
         )
-        + f"\n\nCommand: `python benchmarks/cost.py {shlex.join(sys.argv[1:])}`\n"
+        + f"\n\nCommand: `{command_line('benchmarks/cost.py')}`\n"
     )
     write_results(args.results, f"{args.family}_cost", md, rows)
     return 0

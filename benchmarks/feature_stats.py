@@ -14,12 +14,11 @@ writes benchmarks/results/<name>.md / .json.
 
 import argparse
 import os
-import shlex
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tid_d2.runs import REPO_ROOT, format_table, write_results  # noqa: E402
+from tid_d2.runs import REPO_ROOT, command_line, format_table, write_results  # noqa: E402
 
 
 def level_stats(config, opts, weights, inputs):
@@ -80,7 +79,7 @@ def main(argv=None):
     md = (
         f"FPN feature scale per level ({args.dataset}, first {args.images} images, eval mode):\n\n"
         + format_table(rows, list(rows[0]))
-        + f"\n\nCommand: `python benchmarks/feature_stats.py {shlex.join(sys.argv[1:])}`\n"
+        + f"\n\nCommand: `{command_line('benchmarks/feature_stats.py')}`\n"
     )
     write_results(args.results, args.name, md, data)
     return 0

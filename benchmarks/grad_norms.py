@@ -15,13 +15,12 @@ trainable parameters (student and adapters). Writes ``benchmarks/results/<stem>.
 
 import argparse
 import os
-import shlex
 import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tid_d2.runs import REPO_ROOT, format_table, write_results  # noqa: E402
+from tid_d2.runs import REPO_ROOT, command_line, format_table, write_results  # noqa: E402
 
 
 def _norm(grads) -> float:
@@ -116,9 +115,7 @@ def main(argv=None):
         f"Gradient norms over all trainable parameters, mean of {args.batches} training batches "
         "(batch 8)\n\n"
         + format_table(records, cols)
-        + "\n\nCommand: `python benchmarks/grad_norms.py "
-        + shlex.join(sys.argv[1:])
-        + "`\n"
+        + f"\n\nCommand: `{command_line('benchmarks/grad_norms.py')}`\n"
     )
     write_results(args.results, args.stem, md, records)
     return 0

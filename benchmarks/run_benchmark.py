@@ -43,13 +43,15 @@ from tid_d2.runs import (
     ap_curve,
     cached_teacher,
     code_version,
+    command_line,
     final_ap,
     fmt_mean_std,
     format_table,
     machine_info,
-    reuse_state,
     mark_teacher,
     mean_std,
+    reuse_state,
+    threads_per_run,
     train_net,
 )  # noqa: E402
 
@@ -336,7 +338,7 @@ def main(argv=None):
         p.error(str(e))
 
     # the teacher ran alone on every core; parallel students share them
-    threads = max(1, (os.cpu_count() or 2) // args.parallel) if args.parallel > 1 else None
+    threads = threads_per_run(args.parallel)
     jobs = [(m, s) for s in args.seeds for m in args.modes]
     with ThreadPoolExecutor(max_workers=args.parallel) as pool:
         records = list(
@@ -380,7 +382,7 @@ def main(argv=None):
     reused = sum(r["wall_s"] is None for r in ran)
     resumed = sum(r["resumed"] for r in ran)
     text += (
-        f"\n\nCommand: `python benchmarks/run_benchmark.py {shlex.join(sys.argv[1:])}`; wall time "
+        f"\n\nCommand: `{command_line('benchmarks/run_benchmark.py')}`; wall time "
         f"{(time.time() - start) / 60:.0f} min ({reused} of {len(ran)} student runs reused "
         f"finished from earlier invocations, {resumed} resumed from a checkpoint).\n"
     )

@@ -15,7 +15,6 @@ writes benchmarks/results/<family>_scaling.md / .json.
 import argparse
 import json
 import os
-import shlex
 import statistics
 import sys
 import time
@@ -24,6 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from tid_d2.runs import (
     REPO_ROOT,
+    command_line,
     format_table,
     peak_memory_mb,
     run_child,
@@ -175,7 +175,7 @@ def main(argv=None):
             ["GT boxes / image", "image", "ms (sig + regions + loss)", "extra peak MB"],
             "{:.1f}",
         )
-        + f"\n\nCommand: `python benchmarks/scaling.py {shlex.join(sys.argv[1:])}`\n"
+        + f"\n\nCommand: `{command_line('benchmarks/scaling.py')}`\n"
     )
     write_results(args.results, f"{args.family}_scaling", md, rows)
     return 0

@@ -18,7 +18,6 @@ every run).
 import argparse
 import json
 import os
-import shlex
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -27,18 +26,20 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from tid_d2.runs import (  # noqa: E402
     AP_FIELDS,
-    ap_curve,
     REPO_ROOT,
+    ap_curve,
     cached_teacher,
+    command_line,
     final_ap,
     fmt_mean_std,
     format_table,
     has_final_ap,
     machine_info,
-    reuse_state,
     mark_teacher,
     mean_std,
     read_metrics,
+    reuse_state,
+    threads_per_run,
     train_net,
     write_results,
 )
@@ -392,7 +393,7 @@ def main(argv=None):
     )
     args = p.parse_args(argv)
     # every run, the teacher's included, on its share of the cores
-    threads = max(1, (os.cpu_count() or 2) // args.parallel) if args.parallel > 1 else None
+    threads = threads_per_run(args.parallel)
     cfg_dir = os.path.join(REPO_ROOT, "configs", "shapes")
     settings = [s for s in SETTINGS if args.only is None or s[0] in args.only]
     start = time.time()
@@ -480,9 +481,8 @@ def main(argv=None):
         + "\n\nloss_cls / loss_tid: training losses at the last logged iteration (loss_tid "
         "includes lambda).\n\n"
         + ("Val AP at each evaluation:\n\n" + "\n".join(curves) + "\n\n" if curves else "")
-        + "Command: `python benchmarks/val_sweep.py "
-        + shlex.join(sys.argv[1:])
-        + f"` ({(time.time() - start) / 60:.0f} min for the runs not reused, {args.parallel} at "
+        + f"Command: `{command_line('benchmarks/val_sweep.py')}` "
+        + f"({(time.time() - start) / 60:.0f} min for the runs not reused, {args.parallel} at "
         f"once, on {machine_info()['cpu']}). Each run:\n\n"
         + f"- teacher: `python train_net.py --config-file configs/shapes/retinanet_mnv2_teacher.yaml "
         f"OUTPUT_DIR {os.path.relpath(teacher_dir, REPO_ROOT)} DATALOADER.NUM_WORKERS 1`\n"

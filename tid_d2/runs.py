@@ -4,6 +4,7 @@ benchmark, so every variant is trained and evaluated through the same command a 
 import json
 import os
 import re
+import shlex
 import statistics
 import subprocess
 import sys
@@ -98,6 +99,17 @@ def train_net(
 
 
 _TEACHER_DATA = "tid_shapes_spec.txt"
+
+
+def threads_per_run(runs_at_once: int) -> Optional[int]:
+    """Intra-op threads for each of ``runs_at_once`` runs sharing this machine's cores (at least
+    one); None for a run alone, which keeps the caller's environment (every core)."""
+    return max(1, (os.cpu_count() or 2) // runs_at_once) if runs_at_once > 1 else None
+
+
+def command_line(script: str) -> str:
+    """This process's command as one shell-quoted line to paste back: ``python <script> <args>``."""
+    return "python " + shlex.join([script, *sys.argv[1:]])
 
 
 def machine_info() -> Dict[str, str]:

@@ -37,6 +37,7 @@ from tid_d2.runs import (  # noqa: E402
     final_ap,
     format_table,
     mark_teacher,
+    threads_per_run,
     train_net,
 )
 
@@ -113,7 +114,7 @@ def main(argv=None):
     if not need_teacher:
         print(f"[demo] reusing the cached teacher {teacher_weights}", flush=True)
     for stage in stages:
-        threads = max(1, cores // len(stage)) if len(stage) > 1 else None
+        threads = threads_per_run(len(stage))
         what = " and ".join(jobs[name][0] for name in stage)
         how = f" side by side, {threads} thread(s) each" if len(stage) > 1 else ""
         print(f"[demo] training {what}{how}", flush=True)
