@@ -59,6 +59,25 @@ def test_every_mode_trains_finite(tmp_path, family, mode):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_trains_under_mixed_precision(tmp_path, family):
+    """What SOLVER.AMP.ENABLED does on a GPU (autocast to fp16 around the forward), here with
+    CPU autocast: every loss finite, the TID losses in fp32, gradients reach the student. FCOS
+    failed here before its losses ran in fp32 (fvcore's giou_loss mixes half and float)."""
+    torch.manual_seed(0)
+    model = build_model(tid_cfg(str(tmp_path), family, "tid"))
+    model.train()
+    with EventStorage(0):
+        with torch.autocast("cpu", dtype=torch.float16):
+            losses = model(random_inputs(2, 64, 2))
+        sum(losses.values()).backward()
+    assert all(torch.isfinite(v) for v in losses.values()), losses
+    tid = {k: v for k, v in losses.items() if k.startswith("loss_tid_")}
+    assert tid and all(v.dtype == torch.float32 for v in tid.values())
+    grads = [p.grad for p in model.student.backbone.parameters() if p.requires_grad]
+    assert any(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_zero_lambda_trains_the_student_exactly_like_mode_none(tmp_path, family):
     """With lambda 0 the teacher forward, hooks, significance and regions change nothing in the
     student's own training: the same detection losses and weights, to float rounding (gradients

@@ -9,11 +9,13 @@ Keys (see ``tid_d2.config``): ``MODEL.FCOS.*`` for the head, loss and test setti
 ``build_retinanet_mobilenetv2_fpn_backbone`` (p3..p7 for the default ``MODEL.FCOS.IN_FEATURES``).
 
 Training returns ``{"loss_fcos_cls", "loss_fcos_loc", "loss_fcos_ctr"}``; inference returns
-``[{"instances": Instances}]`` like every detectron2 detector.
+``[{"instances": Instances}]`` like every detectron2 detector. The one change to detectron2's
+training: the losses are computed in fp32, so FCOS trains under AMP (``SOLVER.AMP.ENABLED``).
 """
 
-from typing import Any, Dict
+from typing import Any, Dict, List
 
+import torch
 from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
 from detectron2.modeling.meta_arch.fcos import FCOS as _D2FCOS
@@ -34,6 +36,34 @@ class FCOS(_D2FCOS):
     @configurable
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
+
+    def losses(
+        self,
+        anchors,
+        pred_logits: List[torch.Tensor],
+        gt_labels,
+        pred_anchor_deltas: List[torch.Tensor],
+        gt_boxes,
+        pred_centerness: List[torch.Tensor],
+    ) -> Dict[str, torch.Tensor]:
+        """detectron2's FCOS losses on the head's outputs cast to fp32, with autocast off.
+
+        Under AMP the head's outputs (each (N, H*W*A, K), (N, H*W*A, 4), (N, H*W*A, 1)) are fp16
+        and detectron2's box loss fails inside fvcore's ``giou_loss``, which writes a float
+        product into a half tensor ("Index put requires the source and destination dtypes
+        match"; fvcore pull request 114, not merged). Losses gain nothing from fp16; in fp32 the
+        results are detectron2's exactly.
+        """
+        f32 = lambda xs: [x.float() for x in xs]  # noqa: E731
+        with torch.autocast(pred_logits[0].device.type, enabled=False):
+            return super().losses(
+                anchors,
+                f32(pred_logits),
+                gt_labels,
+                f32(pred_anchor_deltas),
+                gt_boxes,
+                f32(pred_centerness),
+            )
 
     @classmethod
     def from_config(cls, cfg) -> Dict[str, Any]:
