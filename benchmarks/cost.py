@@ -43,25 +43,32 @@ def _batch(cfg, n):
     return [mapper(d) for d in DatasetCatalog.get("tid_shapes_train")[:n]]
 
 
-def measure(family, what, steps, batch, teacher_weights, threads, opts=()):
-    """Runs in the child process; prints one JSON line."""
+def model_and_batch(family, mode, batch, teacher_weights, opts=()):
+    """The family's TID model (configs/shapes/tid_<family>.yaml + ``opts``) in ``mode``, seeded,
+    and ``batch`` fixed training inputs; returns (model, inputs, torch device)."""
     import torch
     from detectron2.modeling import build_model
-    from detectron2.utils.events import EventStorage
 
     import tid_d2  # noqa: F401
     from tid_d2.config import get_cfg
 
-    torch.set_num_threads(threads)
     torch.manual_seed(0)
     cfg = get_cfg()
     cfg.merge_from_file(os.path.join(REPO_ROOT, "configs", "shapes", f"tid_{family}.yaml"))
     cfg.merge_from_list(list(opts))
     cfg.TID.TEACHER.WEIGHTS = teacher_weights
-    cfg.TID.MODE = "tid" if what == "teacher" else what
-    model = build_model(cfg)
-    device = torch.device(cfg.MODEL.DEVICE)
-    data = _batch(cfg, batch)
+    cfg.TID.MODE = mode
+    return build_model(cfg), _batch(cfg, batch), torch.device(cfg.MODEL.DEVICE)
+
+
+def measure(family, what, steps, batch, teacher_weights, threads, opts=()):
+    """Runs in the child process; prints one JSON line."""
+    import torch
+    from detectron2.utils.events import EventStorage
+
+    torch.set_num_threads(threads)
+    mode = "tid" if what == "teacher" else what
+    model, data, device = model_and_batch(family, mode, batch, teacher_weights, opts)
     times = []
     if what == "teacher":
         model.train()

@@ -120,6 +120,17 @@ def test_benchmark_quick_runs_every_variant(tmp_path):
     assert all(r["sec_per_iter"] > 0 and r["peak_mem_mb"] > 0 for r in rows.values())
     assert "(retinanet, cpu, batch 2" in open(tmp_path / "results" / "retinanet_cost.md").read()
 
+    # operations per training step, what the GPU overhead follows
+    run_tool(
+        "step_ops.py",
+        *["--modes", "none", "tid", "--steps", "1", "--batch", "2", "--threads", "1"],
+        *tiny,
+    )
+    ops = json.load(open(tmp_path / "results" / "retinanet_step_ops.json"))
+    assert set(ops) == {"none", "tid"} and ops["none"]["device"] == "cpu"
+    assert 0 < ops["none"]["ops"] < ops["tid"]["ops"]  # TID's teacher forward, maps and loss
+    assert "| tid |" in open(tmp_path / "results" / "retinanet_step_ops.md").read()
+
     # per-level feature scale of the trained students (a TID checkpoint into the plain student)
     stats = [sys.executable, os.path.join(REPO, "benchmarks", "feature_stats.py")]
     stats += [str(tmp_path / "runs" / f"retinanet_{m}_s0") for m in ("none", "tid")]
@@ -278,3 +289,25 @@ def test_run_benchmark_merge_records_joins_earlier_runs_of_the_same_teacher(tmp_
         run_benchmark.merge_records(now, [str(earlier)], "rcnn", 500, 64.5)
     with pytest.raises(ValueError, match="a rcnn run of 1000 iterations cannot join a retinanet"):
         run_benchmark.merge_records([], [str(earlier)], "retinanet", 1000, 64.5)
+
+
+def test_step_ops_counts_each_kind_once():
+    """Hand-made profiler events: an aten operator counts only when no aten operator called it
+    (autograd's engine may); launches, copies and syncs by their CUDA runtime names."""
+    from types import SimpleNamespace as Event
+
+    step_ops = _benchmark_script("step_ops")
+    add = Event(name="aten::add", cpu_parent=None)
+    engine = Event(name="autograd::engine::evaluate_function: AddBackward0", cpu_parent=None)
+    events = [
+        add,
+        Event(name="aten::empty", cpu_parent=add),  # inside aten::add: not counted
+        Event(name="aten::mul", cpu_parent=engine),  # backward: counted
+        Event(name="cudaLaunchKernel", cpu_parent=add),
+        Event(name="cudaLaunchKernelExC", cpu_parent=None),
+        Event(name="cudaMemcpyAsync", cpu_parent=None),
+        Event(name="cudaStreamSynchronize", cpu_parent=None),
+        Event(name="cudaDeviceSynchronize", cpu_parent=None),
+        engine,
+    ]
+    assert step_ops.count_events(events) == {"ops": 2, "launches": 2, "copies": 1, "syncs": 2}
