@@ -114,25 +114,40 @@ def measure(family, what, steps, batch, teacher_weights, threads, opts=()):
     )
 
 
-def main(argv=None):
+def measurement_args(description: str, steps: int):
+    """The arguments of the measurements on identical batches (cost.py, step_ops.py):
+    family, steps, batch, threads, teacher weights, modes, results folder, config overrides."""
     p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--family", default="retinanet", choices=["retinanet", "fcos", "rcnn"])
-    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--steps", type=int, default=steps)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--teacher-weights", default=None, help="default: output/bench/<family>_teacher")
     p.add_argument("--modes", nargs="*", default=MODES)
     p.add_argument("--results", default=os.path.join(REPO_ROOT, "benchmarks", "results"))
-    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def parse_measurement_args(p, argv):
+    """Parse, with the config overrides last; ``teacher_weights`` defaults to the benchmark's
+    cached teacher of the family."""
     p.add_argument(
         "opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides, e.g. MODEL.DEVICE cuda"
     )
     args = p.parse_args(argv)
-    weights = args.teacher_weights or os.path.join(
+    args.teacher_weights = args.teacher_weights or os.path.join(
         REPO_ROOT, "output", "bench", f"{args.family}_teacher", "model_final.pth"
     )
+    return args
+
+
+def main(argv=None):
+    p = measurement_args(__doc__, steps=10)
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = parse_measurement_args(p, argv)
+    weights = args.teacher_weights
     if args.child:
         measure(args.family, args.child, args.steps, args.batch, weights, args.threads, args.opts)
         return 0

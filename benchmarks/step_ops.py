@@ -17,14 +17,17 @@ Each mode is counted over ``--steps`` profiled steps after two warm-up steps, in
 writes benchmarks/results/<family>_step_ops.md and .json.
 """
 
-import argparse
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from cost import MODES, model_and_batch  # noqa: E402
+from cost import (  # noqa: E402
+    model_and_batch,
+    measurement_args,
+    parse_measurement_args,
+)
 from tid_d2.runs import REPO_ROOT, command_line, format_table, write_results  # noqa: E402
 
 LAUNCHES = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx")
@@ -85,26 +88,11 @@ def profile_steps(family, mode, steps, batch, teacher_weights, opts=()) -> dict:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument("--family", default="retinanet", choices=["retinanet", "fcos", "rcnn"])
-    p.add_argument("--steps", type=int, default=3)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--teacher-weights", default=None, help="default: output/bench/<family>_teacher")
-    p.add_argument("--modes", nargs="*", default=MODES)
-    p.add_argument("--results", default=os.path.join(REPO_ROOT, "benchmarks", "results"))
-    p.add_argument(
-        "opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides, e.g. MODEL.DEVICE cuda"
-    )
-    args = p.parse_args(argv)
+    args = parse_measurement_args(measurement_args(__doc__, steps=3), argv)
     import torch
 
     torch.set_num_threads(args.threads)
-    weights = args.teacher_weights or os.path.join(
-        REPO_ROOT, "output", "bench", f"{args.family}_teacher", "model_final.pth"
-    )
+    weights = args.teacher_weights
     rows = {}
     for mode in args.modes:
         rows[mode] = profile_steps(args.family, mode, args.steps, args.batch, weights, args.opts)
