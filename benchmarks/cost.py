@@ -61,6 +61,25 @@ def model_and_batch(family, mode, batch, teacher_weights, opts=()):
     return build_model(cfg), _batch(cfg, batch), torch.device(cfg.MODEL.DEVICE)
 
 
+def training_step(model, data):
+    """One training step as cost.py times it and step_ops.py counts it: forward on ``data``,
+    backward, and an SGD (momentum 0.9) update of the trainable parameters. Puts the model in
+    training mode; returns ``step(storage)``."""
+    import torch
+
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-5, momentum=0.9)
+    model.train()
+
+    def step(storage):
+        losses = model(data)
+        opt.zero_grad()
+        sum(losses.values()).backward()
+        opt.step()
+        storage.iter += 1
+
+    return step
+
+
 def measure(family, what, steps, batch, teacher_weights, threads, opts=()):
     """Runs in the child process; prints one JSON line."""
     import torch
@@ -86,21 +105,14 @@ def measure(family, what, steps, batch, teacher_weights, threads, opts=()):
                     torch.cuda.synchronize()
                 times.append(time.perf_counter() - t)
     else:
-        opt = torch.optim.SGD(
-            [p for p in model.parameters() if p.requires_grad], lr=1e-5, momentum=0.9
-        )
-        model.train()
+        step = training_step(model, data)
         with EventStorage(0) as storage:
             for i in range(steps + 2):
                 t = time.perf_counter()
-                losses = model(data)
-                opt.zero_grad()
-                sum(losses.values()).backward()
-                opt.step()
+                step(storage)
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 times.append(time.perf_counter() - t)
-                storage.iter += 1
     times = times[2:]  # warm-up
     print(
         json.dumps(

@@ -11,7 +11,7 @@ cost tables), so the count of operations TID adds is what its GPU overhead follo
   copies and reads of values) and ``syncs`` (``cuda*Synchronize`` calls: the host waits for the
   GPU).
 
-Each mode is counted over ``--steps`` profiled steps after two warm-up steps, in one process.
+Each mode is counted over ``--steps`` profiled steps (the step cost.py times) after two warm-up steps, in one process.
 
     python benchmarks/step_ops.py --family retinanet MODEL.DEVICE cuda
 writes benchmarks/results/<family>_step_ops.md and .json.
@@ -27,6 +27,7 @@ from cost import (  # noqa: E402
     model_and_batch,
     measurement_args,
     parse_measurement_args,
+    training_step,
 )
 from tid_d2.runs import REPO_ROOT, command_line, format_table, write_results  # noqa: E402
 
@@ -61,16 +62,7 @@ def profile_steps(family, mode, steps, batch, teacher_weights, opts=()) -> dict:
     activities = [ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(ProfilerActivity.CUDA)
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-    model.train()
-
-    def step(storage):
-        losses = model(data)
-        opt.zero_grad()
-        sum(losses.values()).backward()
-        opt.step()
-        storage.iter += 1
-
+    step = training_step(model, data)
     with EventStorage(0) as storage:
         for _ in range(2):  # warm-up: lazy initialisation, cudnn autotuning
             step(storage)
@@ -92,10 +84,11 @@ def main(argv=None):
     import torch
 
     torch.set_num_threads(args.threads)
-    weights = args.teacher_weights
     rows = {}
     for mode in args.modes:
-        rows[mode] = profile_steps(args.family, mode, args.steps, args.batch, weights, args.opts)
+        rows[mode] = profile_steps(
+            args.family, mode, args.steps, args.batch, args.teacher_weights, args.opts
+        )
         print(f"[step_ops] {args.family} {mode:8s} {rows[mode]}", flush=True)
     device = next(iter(rows.values()))["device"]
     columns = ["mode", "ops"] + (["launches", "copies", "syncs"] if device == "cuda" else [])
