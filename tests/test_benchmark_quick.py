@@ -311,3 +311,33 @@ def test_step_ops_counts_each_kind_once():
         engine,
     ]
     assert step_ops.count_events(events) == {"ops": 2, "launches": 2, "copies": 1, "syncs": 2}
+
+
+def test_summary_table_one_row_per_family_hand_computed():
+    """benchmarks/summary.py: per family the teacher AP, each variant's mean ± sample std over
+    its seeds (seed count shown where it differs from the student alone's), a dash for a variant
+    not run, and TID minus the student alone paired by seed."""
+    summary = _benchmark_script("summary")
+
+    def rec(mode, seed, ap):
+        return {"mode": mode, "seed": seed, "AP": ap}
+
+    data = {
+        "teacher_AP": 60.0,
+        "runs": [
+            rec("none", 0, 10.0),
+            rec("none", 1, 14.0),
+            rec("fitnet", 0, 12.0),
+            rec("tid", 0, 11.0),
+            rec("tid", 1, 17.0),
+        ],
+    }
+    text = summary.summary_table([("Fam", data)])
+    header, _, row = text.splitlines()
+    cells = dict(zip(header.strip("| ").split(" | "), row.strip("| ").split(" | ")))
+    assert cells["family"] == "Fam" and cells["teacher"] == "60.00"
+    assert cells["student alone"] == "12.00 ± 2.83"  # std sqrt(8)
+    assert cells["fitnet"] == "12.00 (1 seed)"
+    assert cells["gt_mask"] == "-"
+    assert cells["TID"] == "14.00 ± 4.24"  # std sqrt(18)
+    assert cells["TID - alone"] == "+2.00 ± 1.41"  # paired +1, +3

@@ -1,0 +1,78 @@
+#!/usr/bin/env python
+"""One table across detector families, built from committed ``<stem>_runs.json`` files.
+
+Each argument is ``LABEL=PATH`` (a family's runs file written by ``run_benchmark.py``). Per
+family: the teacher's test AP, each variant's test AP as mean ± sample std over its seeds (with
+the seed count where it differs from the student alone's), and TID minus the student alone
+paired by seed. Nothing is trained or evaluated; the numbers are the files' own.
+
+    python benchmarks/summary.py RetinaNet=benchmarks/results/retinanet_runs.json \
+        FCOS=benchmarks/results/fcos_runs.json "Faster R-CNN=benchmarks/results/rcnn_t6426_runs.json"
+"""
+
+import argparse
+import json
+import os
+import sys
+from typing import Dict, List, Sequence, Tuple
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from run_benchmark import MODES  # noqa: E402  (benchmarks/ is this script's own folder)
+from tid_d2.runs import fmt_mean_std, format_table, mean_std  # noqa: E402
+
+HEADER = {"none": "student alone", "tid": "TID"}
+
+
+def family_row(label: str, data: Dict) -> Dict[str, str]:
+    """One table row from a runs file's contents (``{"teacher_AP", "runs": [records]}``)."""
+    runs = data["runs"]
+    by_mode: Dict[str, Dict[int, float]] = {}
+    for r in runs:
+        by_mode.setdefault(r["mode"], {})[r["seed"]] = r["AP"]
+    base = by_mode.get("none", {})
+    row = {"family": label, "teacher": f"{data['teacher_AP']:.2f}"}
+    for mode in MODES:
+        aps = by_mode.get(mode)
+        if not aps:
+            row[HEADER.get(mode, mode)] = "-"
+            continue
+        cell = fmt_mean_std(*mean_std(aps.values()))
+        if len(aps) != len(base):
+            cell += f" ({len(aps)} seed{'s' if len(aps) != 1 else ''})"
+        row[HEADER.get(mode, mode)] = cell
+    paired = [ap - base[s] for s, ap in by_mode.get("tid", {}).items() if s in base]
+    row["TID - alone"] = fmt_mean_std(*mean_std(paired), signed=True) if paired else "-"
+    return row
+
+
+def summary_table(families: Sequence[Tuple[str, Dict]]) -> str:
+    """Markdown table, one row per (label, runs-file contents)."""
+    rows: List[Dict[str, str]] = [family_row(label, data) for label, data in families]
+    cols = ["family", "teacher", *(HEADER.get(m, m) for m in MODES), "TID - alone"]
+    return format_table(rows, cols)
+
+
+def main(argv=None) -> str:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("families", nargs="+", metavar="LABEL=RUNS_JSON")
+    args = p.parse_args(argv)
+    families = []
+    for item in args.families:
+        label, sep, path = item.partition("=")
+        if not sep or not label or not path:
+            p.error(f"{item!r}: expected LABEL=PATH, e.g. FCOS=benchmarks/results/fcos_runs.json")
+        try:
+            with open(path) as f:
+                families.append((label, json.load(f)))
+        except (OSError, ValueError) as e:
+            p.error(f"{path}: {e}")
+    text = summary_table(families)
+    print(text)
+    return text
+
+
+if __name__ == "__main__":
+    main()
