@@ -16,7 +16,9 @@ and tid_shapes_test (after training). Results are written under benchmarks/resul
 overrides keeps the family's committed tables). ``--merge OTHER_runs.json`` adds the records of an
 earlier invocation (same family, schedule and teacher) for the (variant, seed) pairs this one did
 not run, so a table can gather runs trained in separate sessions; the .md names each merged
-file's command.
+file's command. ``--report-only`` trains nothing and writes the tables from the runs that are
+finished in ``--output``, listing the requested ones that are not, so a benchmark stopped
+part-way (or still running in another process) reports what it has.
 
 Cost (sec/iter, peak memory) is measured separately on identical batches by
 ``benchmarks/cost.py``; the scaling of significance + loss with GT count and image size by
@@ -59,7 +61,8 @@ MODES = ["none", "fitnet", "gt_mask", "cls_only", "reg_only", "no_ldam", "tid"]
 VAL, TEST = "tid_shapes_val", "tid_shapes_test"
 
 
-def _run_variant(args, fam, mode, seed, teacher_weights, out_root, extra, threads=None):
+def _variant_run(args, fam, mode, seed, teacher_weights, out_root, extra):
+    """(output folder, config file, train_net.py overrides) of one (variant, seed) run."""
     out = os.path.join(out_root, f"{fam}_{mode}_s{seed}")
     opts = [
         "SEED",
@@ -79,7 +82,11 @@ def _run_variant(args, fam, mode, seed, teacher_weights, out_root, extra, thread
         "VIS_PERIOD",
         "0",
     ] + extra
-    config = os.path.join(args.config_dir, f"tid_{fam}.yaml")
+    return out, os.path.join(args.config_dir, f"tid_{fam}.yaml"), opts
+
+
+def _run_variant(args, fam, mode, seed, teacher_weights, out_root, extra, threads=None):
+    out, config, opts = _variant_run(args, fam, mode, seed, teacher_weights, out_root, extra)
     state = reuse_state(out, config, opts, TEST, iters=args.iters) if args.reuse else "new"
     secs = None
     if state != "finished":
@@ -297,6 +304,13 @@ def main(argv=None):
         "compare a run with overrides against the student alone without mixing in variants "
         "that were trained without those overrides",
     )
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="train nothing: write the tables from the runs of --modes x --seeds that are "
+        "finished in --output (as --reuse would read them) plus the --merge records; runs not "
+        "finished there are listed and left out, so a benchmark stopped part-way still reports",
+    )
     p.add_argument("--quick", action="store_true", help="every variant, 1 seed, a few iterations")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides for every run")
     args = p.parse_args(argv)
@@ -322,7 +336,11 @@ def main(argv=None):
     start = time.time()
     teacher_dir = os.path.join(args.output, f"{fam}_teacher")
     teacher_weights = os.path.join(teacher_dir, "model_final.pth")
-    if cached_teacher(teacher_dir, teacher_iters) is None:
+    if args.report_only:
+        args.reuse = True
+        if cached_teacher(teacher_dir, teacher_iters) is None:
+            p.error(f"--report-only: no finished teacher in {teacher_dir}; nothing to report")
+    elif cached_teacher(teacher_dir, teacher_iters) is None:
         print(f"[bench] training the {fam} teacher once (cached in {teacher_dir})", flush=True)
         train_net(
             os.path.join(args.config_dir, f"{fam}_mnv2_teacher.yaml"),
@@ -340,6 +358,20 @@ def main(argv=None):
     # the teacher ran alone on every core; parallel students share them
     threads = threads_per_run(args.parallel)
     jobs = [(m, s) for s in args.seeds for m in args.modes]
+    unfinished = []  # --report-only: "<mode> s<seed>" of each requested run not finished
+    if args.report_only:
+        finished_jobs = []
+        for mode, seed in jobs:
+            run = _variant_run(args, fam, mode, seed, teacher_weights, args.output, extra)
+            if reuse_state(*run, TEST, iters=args.iters) == "finished":
+                finished_jobs.append((mode, seed))
+            else:
+                unfinished.append(f"{mode} s{seed}")
+        jobs = finished_jobs
+        if unfinished:
+            print(f"[bench] --report-only leaves out unfinished runs: {', '.join(unfinished)}")
+        if not jobs and not args.merge:
+            p.error(f"--report-only: no finished run of --modes x --seeds in {args.output}")
     with ThreadPoolExecutor(max_workers=args.parallel) as pool:
         records = list(
             pool.map(
@@ -386,6 +418,11 @@ def main(argv=None):
         f"{(time.time() - start) / 60:.0f} min ({reused} of {len(ran)} student runs reused "
         f"finished from earlier invocations, {resumed} resumed from a checkpoint).\n"
     )
+    if unfinished:
+        text += (
+            f"\nReport only (`--report-only`): {len(unfinished)} requested runs were not finished "
+            f"and are not in the table: {', '.join(unfinished)}.\n"
+        )
     if merged_commands:
         text += (
             f"\n{len(records) - len(ran)} of the {len(records)} records were merged (`--merge`) "
