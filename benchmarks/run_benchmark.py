@@ -420,8 +420,8 @@ def main(argv=None):
     )
     if unfinished:
         text += (
-            f"\nReport only (`--report-only`): {len(unfinished)} requested runs were not finished "
-            f"and are not in the table: {', '.join(unfinished)}.\n"
+            "\nReport only (`--report-only`); requested but not finished in --output, so not "
+            f"in the table: {', '.join(unfinished)}.\n"
         )
     if merged_commands:
         text += (
