@@ -168,10 +168,12 @@ def merge_records(records, paths, fam, iters, teacher_ap, modes=None):
 def summarize(records, fam, teacher_ap, cost=None, teacher_iters=None):
     """Markdown: per variant, AP fields as mean ± sample std over seeds, the AP difference to the
     student alone paired by seed (mean ± std over the seeds both have), and the share of the
-    teacher-student gap recovered."""
+    teacher-student gap recovered, over those same seeds: mean paired difference / (teacher AP -
+    the student alone's mean AP on them), so a variant with fewer seeds than the student alone
+    is compared on its own seeds (with every seed in both, (mean AP - mean alone) / (teacher -
+    mean alone))."""
     rows = []
     base = {r["seed"]: r["AP"] for r in records if r["mode"] == "none"}
-    base_mean = statistics.mean(base.values()) if base else float("nan")
     for mode in MODES:
         rs = [r for r in records if r["mode"] == mode]
         if not rs:
@@ -182,11 +184,11 @@ def summarize(records, fam, teacher_ap, cost=None, teacher_iters=None):
         row["val AP"] = f"{statistics.mean(r['val_AP'] for r in rs):.2f}"
         paired = [r["AP"] - base[r["seed"]] for r in rs if r["seed"] in base]
         row["AP - none"] = fmt_mean_std(*mean_std(paired), signed=True) if paired else "-"
-        gap = teacher_ap - base_mean
-        mean_ap = statistics.mean(r["AP"] for r in rs)
-        row["gap recovered"] = (
-            f"{100 * (mean_ap - base_mean) / gap:.0f}%" if gap > 0 and mode != "none" else "-"
-        )
+        row["gap recovered"] = "-"
+        if paired and mode != "none":
+            gap = teacher_ap - statistics.mean(base[r["seed"]] for r in rs if r["seed"] in base)
+            if gap > 0:
+                row["gap recovered"] = f"{100 * statistics.mean(paired) / gap:.0f}%"
         rows.append(row)
     cols = ["variant", "seeds", *AP_FIELDS, "val AP", "AP - none", "gap recovered"]
     sched = f" ({teacher_iters} iterations)" if teacher_iters else ""
