@@ -165,6 +165,15 @@ def merge_records(records, paths, fam, iters, teacher_ap, modes=None):
     return merged, commands
 
 
+def paired_with_alone(records, mode):
+    """[(AP of ``mode``, the student alone's AP of the same seed)] for each seed that both have
+    in ``records``: the pairs every "minus the student alone" number is computed from."""
+    alone = {r["seed"]: r["AP"] for r in records if r["mode"] == "none"}
+    return [
+        (r["AP"], alone[r["seed"]]) for r in records if r["mode"] == mode and r["seed"] in alone
+    ]
+
+
 def summarize(records, fam, teacher_ap, cost=None, teacher_iters=None):
     """Markdown: per variant, AP fields as mean ± sample std over seeds, the AP difference to the
     student alone paired by seed (mean ± std over the seeds both have), and the share of the
@@ -173,7 +182,6 @@ def summarize(records, fam, teacher_ap, cost=None, teacher_iters=None):
     is compared on its own seeds (with every seed in both, (mean AP - mean alone) / (teacher -
     mean alone))."""
     rows = []
-    base = {r["seed"]: r["AP"] for r in records if r["mode"] == "none"}
     for mode in MODES:
         rs = [r for r in records if r["mode"] == mode]
         if not rs:
@@ -182,11 +190,12 @@ def summarize(records, fam, teacher_ap, cost=None, teacher_iters=None):
         for f in AP_FIELDS:
             row[f] = fmt_mean_std(*mean_std([r[f] for r in rs]))
         row["val AP"] = f"{statistics.mean(r['val_AP'] for r in rs):.2f}"
-        paired = [r["AP"] - base[r["seed"]] for r in rs if r["seed"] in base]
+        pairs = paired_with_alone(records, mode)
+        paired = [ap - alone for ap, alone in pairs]
         row["AP - none"] = fmt_mean_std(*mean_std(paired), signed=True) if paired else "-"
         row["gap recovered"] = "-"
         if paired and mode != "none":
-            gap = teacher_ap - statistics.mean(base[r["seed"]] for r in rs if r["seed"] in base)
+            gap = teacher_ap - statistics.mean(alone for _, alone in pairs)
             if gap > 0:
                 row["gap recovered"] = f"{100 * statistics.mean(paired) / gap:.0f}%"
         rows.append(row)

@@ -18,7 +18,7 @@ from typing import Dict, List, Sequence, Tuple
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from run_benchmark import MODES  # noqa: E402  (benchmarks/ is this script's own folder)
+from run_benchmark import MODES, paired_with_alone  # noqa: E402  (this script's own folder)
 from tid_d2.runs import fmt_mean_std, format_table, mean_std  # noqa: E402
 
 HEADER = {"none": "student alone", "tid": "TID"}
@@ -41,7 +41,7 @@ def family_row(label: str, data: Dict) -> Dict[str, str]:
         if len(aps) != len(base):
             cell += f" ({len(aps)} seed{'s' if len(aps) != 1 else ''})"
         row[HEADER.get(mode, mode)] = cell
-    paired = [ap - base[s] for s, ap in by_mode.get("tid", {}).items() if s in base]
+    paired = [ap - alone for ap, alone in paired_with_alone(runs, "tid")]
     row["TID - alone"] = fmt_mean_std(*mean_std(paired), signed=True) if paired else "-"
     return row
 
