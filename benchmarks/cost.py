@@ -21,6 +21,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from tid_d2.runs import (
+    BENCHMARK_MODES as MODES,
     REPO_ROOT,
     command_line,
     format_table,
@@ -28,8 +29,6 @@ from tid_d2.runs import (
     run_child,
     write_results,
 )  # noqa: E402
-
-MODES = ["none", "fitnet", "gt_mask", "cls_only", "reg_only", "no_ldam", "tid"]
 
 
 def _batch(cfg, n):

@@ -41,6 +41,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from tid_d2.runs import (
     AP_FIELDS,
+    BENCHMARK_MODES as MODES,
     REPO_ROOT,
     ap_curve,
     cached_teacher,
@@ -57,7 +58,6 @@ from tid_d2.runs import (
     train_net,
 )  # noqa: E402
 
-MODES = ["none", "fitnet", "gt_mask", "cls_only", "reg_only", "no_ldam", "tid"]
 VAL, TEST = "tid_shapes_val", "tid_shapes_test"
 
 

@@ -13,8 +13,11 @@ from typing import Dict, List, Optional, Sequence
 
 import yaml
 
+from .modeling.distiller import TID_MODES
+
 __all__ = [
     "REPO_ROOT",
+    "BENCHMARK_MODES",
     "train_net",
     "reuse_state",
     "read_metrics",
@@ -27,6 +30,10 @@ __all__ = [
     "cached_teacher",
     "mark_teacher",
 ]
+
+# The distiller's variants in the order the benchmarks run and tabulate them: the student alone
+# first, TID last.
+BENCHMARK_MODES = ["none", *(m for m in TID_MODES if m not in ("none", "tid")), "tid"]
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 AP_FIELDS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
