@@ -55,7 +55,17 @@ def test_benchmark_quick_runs_every_variant(tmp_path):
     # the recorded command pastes back as the same arguments (TID.TEACHER.OPTS has spaces)
     assert shlex.split(data["command"]) == cmd[1:]
     modes = {r["mode"] for r in data["runs"]}
-    assert modes == {"none", "fitnet", "gt_mask", "cls_only", "reg_only", "no_ldam", "tid"}
+    assert modes == {
+        "none",
+        "fitnet",
+        "gt_mask",
+        "cls_only",
+        "reg_only",
+        "no_ldam",
+        "pkd",
+        "fgd",
+        "tid",
+    }
     for r in data["runs"]:
         assert {"AP", "AP50", "AP75", "APs", "APm", "APl", "val_AP", "seed", "iterations"} <= set(r)
         assert {"sec_per_iter", "peak_mem_mb"} <= set(r)  # None: --quick measures no cost
@@ -88,7 +98,7 @@ def test_benchmark_quick_runs_every_variant(tmp_path):
     ]
     named_md = open(tmp_path / "results" / "named.md").read()
     assert "2 of 2 student runs reused" in named_md
-    assert "5 of the 7 records were merged" in named_md and "retinanet_quick_runs.json" in named_md
+    assert "7 of the 9 records were merged" in named_md and "retinanet_quick_runs.json" in named_md
 
     # --report-only: the finished runs are reported, a stopped one (fitnet's, its final
     # evaluation removed) is listed and left out, and nothing trains

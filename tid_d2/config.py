@@ -74,7 +74,8 @@ def add_tid_config(cfg):
 
     # ---------------------------------------------------------------- TID distillation
     _C.TID = _D2CfgNode()
-    # Variant: tid | fitnet | gt_mask | cls_only | reg_only | no_ldam | none (student alone).
+    # Variant: tid | fitnet | gt_mask | cls_only | reg_only | no_ldam | none (student alone), or
+    # another method: pkd (Pearson-normalised imitation) | fgd (focal and global distillation).
     _C.TID.MODE = "tid"
     # Meta-architecture of the student (cfg.MODEL describes it); MODEL.META_ARCHITECTURE is
     # "TIDDistiller". Exported students use this name.
@@ -103,6 +104,27 @@ def add_tid_config(cfg):
     # "none" = raw features; "channel" = per image and channel, zero mean and unit std over the
     # level's locations (as PKD does for heterogeneous teacher / student pairs).
     _C.TID.FEATURE_NORM = "none"
+
+    # The methods a user would pick instead (TID.MODE pkd / fgd; docs/method.md). Each has its
+    # own weight: TID.LOSS_WEIGHT is lambda of the SFDM modes only. TID.WARMUP_ITERS ramps all.
+    _C.TID.PKD = _D2CfgNode()
+    # Weight of PKD's loss; negative = PKD's published value for the student's family
+    # (mmrazor: 6 for Faster R-CNN, 10 for dense detectors).
+    _C.TID.PKD.LOSS_WEIGHT = -1.0
+    _C.TID.FGD = _D2CfgNode()
+    # Multiplies all four FGD terms (1.0 = FGD's own weights below).
+    _C.TID.FGD.LOSS_WEIGHT = 1.0
+    # For the keys below, negative = FGD's published value for the student's family
+    # (tid_d2.modeling.fgd.FGD_DEFAULTS). Temperature of the spatial / channel attention.
+    _C.TID.FGD.TEMPERATURE = -1.0
+    # alpha_fgd: weight of the foreground feature loss.
+    _C.TID.FGD.ALPHA = -1.0
+    # beta_fgd: weight of the background feature loss.
+    _C.TID.FGD.BETA = -1.0
+    # gamma_fgd: weight of the attention loss.
+    _C.TID.FGD.GAMMA = -1.0
+    # lambda_fgd: weight of the global (GcBlock relation) loss.
+    _C.TID.FGD.LAMBDA = -1.0
 
     _C.TID.TEACHER = _D2CfgNode()
     # The teacher's own config file (a plain detectron2 detector config of this project).

@@ -65,7 +65,8 @@ class TIDCheckpointer(DetectionCheckpointer):
       place, so a process killed during a save leaves the previous checkpoint valid;
     - refuses ``.pkl`` weights (pickle runs code) unless ``allow_pickle``;
     - reads ``.pth`` files with ``torch.load(weights_only=True)``;
-    - ignores the ``tid_adapters.`` keys of a TID checkpoint when loading into a plain student.
+    - ignores the distiller's keys of a TID checkpoint (``tid_adapters.``, ``tid_loss.``) when
+      loading into a model that has no such module (e.g. a plain student).
     """
 
     def __init__(self, model, save_dir="", *, allow_pickle: bool = False, **checkpointables):
@@ -115,11 +116,17 @@ class TIDCheckpointer(DetectionCheckpointer):
         return super()._load_file(filename)
 
     def _load_model(self, checkpoint):
-        has_adapters = any(k.startswith("tid_adapters.") for k in self.model.state_dict())
-        if not has_adapters:
-            checkpoint["model"] = OrderedDict(
-                (k, v) for k, v in checkpoint["model"].items() if not k.startswith("tid_adapters.")
-            )
+        from .modeling.distiller import is_distiller_key
+
+        # a distiller module (adapters "tid_adapters.", a method's "tid_loss.") that this model
+        # lacks: its keys are left out (a plain student loading a TID checkpoint, or a fitnet
+        # model loading an FGD one); one the model has must be in the checkpoint (strict resume)
+        have = {k.split(".", 1)[0] for k in self.model.state_dict() if is_distiller_key(k)}
+        checkpoint["model"] = OrderedDict(
+            (k, v)
+            for k, v in checkpoint["model"].items()
+            if not is_distiller_key(k) or k.split(".", 1)[0] in have
+        )
         return super()._load_model(checkpoint)
 
 

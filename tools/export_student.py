@@ -20,6 +20,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+# MODEL.<node> of the meta-architectures tid-d2 adds to detectron2 (one per family)
+_FAMILY_NODES = ("FCOS", "ATSS", "GFL")
+
 
 def student_export_cfg(cfg, weights_path: str):
     """The student's config without TID keys (and without project keys it does not use)."""
@@ -29,8 +32,9 @@ def student_export_cfg(cfg, weights_path: str):
     scfg.defrost()
     scfg.MODEL.WEIGHTS = weights_path
     del scfg["TID"]
-    if scfg.MODEL.META_ARCHITECTURE != "FCOS":
-        del scfg.MODEL["FCOS"]
+    for node in _FAMILY_NODES:
+        if node in scfg.MODEL and scfg.MODEL.META_ARCHITECTURE != node:
+            del scfg.MODEL[node]
     if "mobilenet" not in scfg.MODEL.BACKBONE.NAME:
         del scfg.MODEL["MOBILENET"]
     scfg.freeze()
@@ -38,7 +42,7 @@ def student_export_cfg(cfg, weights_path: str):
 
 
 def needs_project(scfg) -> bool:
-    return "FCOS" in scfg.MODEL or "MOBILENET" in scfg.MODEL
+    return any(node in scfg.MODEL for node in (*_FAMILY_NODES, "MOBILENET"))
 
 
 def export(config_file: str, weights: str, output: str, image: str = None, opts=()) -> dict:
@@ -49,7 +53,7 @@ def export(config_file: str, weights: str, output: str, image: str = None, opts=
     from detectron2.modeling import build_model
 
     from tid_d2.config import get_cfg
-    from tid_d2.modeling.distiller import student_cfg_from
+    from tid_d2.modeling.distiller import is_distiller_key, student_cfg_from
     from tid_d2.modeling.teacher import load_weights_strict, read_checkpoint
 
     if not os.path.isfile(config_file):
@@ -66,7 +70,8 @@ def export(config_file: str, weights: str, output: str, image: str = None, opts=
     cfg.MODEL.DEVICE = "cpu"
     scfg = student_cfg_from(cfg)
     state = read_checkpoint(weights, cfg.TID.ALLOW_PICKLE_WEIGHTS, "student checkpoint")
-    student_state = {k: v for k, v in state.items() if not k.startswith("tid_adapters.")}
+    # the student alone: no adapters, no imitation-method modules (FGD's GcBlocks)
+    student_state = {k: v for k, v in state.items() if not is_distiller_key(k)}
 
     student = build_model(scfg)
     tmp = os.path.join(output, ".student_check.pth")

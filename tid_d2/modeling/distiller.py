@@ -2,8 +2,15 @@
 frozen teacher's FPN features where Task Integration Distillation says it matters.
 
 Checkpoint layout: ``state_dict()`` holds the student under exactly the keys of a plain detectron2
-model built from the student's config, plus the adapters under ``tid_adapters.``; the teacher is
-not a registered submodule, so it is neither saved, nor optimised, nor wrapped by DDP.
+model built from the student's config, plus what the distiller trains besides it under keys that
+start with ``tid_`` (:data:`DISTILLER_KEY_PREFIX`): the adapters (``tid_adapters.``) and an
+imitation method's own modules (``tid_loss.``, e.g. FGD's GcBlocks). The teacher is not a
+registered submodule, so it is neither saved, nor optimised, nor wrapped by DDP.
+
+The distiller is orchestration: which levels, which regions (:mod:`.regions`, from the
+significance of :mod:`.probes`), and which loss, one module per method: SFDM
+(:class:`~.imitation.RegionImitation`, every mode of the TID family), PKD (:mod:`.pkd`) and FGD
+(:mod:`.fgd`).
 """
 
 import logging
@@ -16,14 +23,17 @@ from detectron2.utils import comm
 from detectron2.utils.events import EventStorage, get_event_storage
 from torch import nn
 
+from .fgd import FGDImitation, FGDParams, fgd_masks, fgd_params_for
 from .imitation import (
     FeatureAdapters,
+    LevelImitation,
+    LevelInputs,
+    RegionImitation,
     check_feature_norm,
     check_region_normalize,
-    normalize_features,
     region_counts,
-    region_imitation_loss,
 )
+from .pkd import PKDImitation, pkd_default_loss_weight
 from .probes import DetectorProbe, build_probe
 from .regions import (
     RegionParams,
@@ -35,13 +45,52 @@ from .regions import (
 from .significance import paint_boxes
 from .teacher import build_teacher
 
-__all__ = ["TIDDistiller", "student_cfg_from", "TID_MODES"]
+__all__ = [
+    "TIDDistiller",
+    "student_cfg_from",
+    "TID_MODES",
+    "DISTILLER_KEY_PREFIX",
+    "is_distiller_key",
+    "method_loss_weight",
+]
 
 logger = logging.getLogger(__name__)
 
-TID_MODES = ("tid", "fitnet", "gt_mask", "cls_only", "reg_only", "no_ldam", "none")
+TID_MODES = ("tid", "fitnet", "gt_mask", "cls_only", "reg_only", "no_ldam", "pkd", "fgd", "none")
 _SIG_MODES = ("tid", "cls_only", "reg_only", "no_ldam")
+# modes with a loss of their own (not SFDM's region loss), and their own loss-weight keys
+_OWN_LOSS_MODES = ("pkd", "fgd")
 _STUDENT = "student."
+# state_dict keys of what the distiller trains besides the student (adapters, GcBlocks, ...)
+DISTILLER_KEY_PREFIX = "tid_"
+
+
+def is_distiller_key(key: str) -> bool:
+    """Whether a TID checkpoint key belongs to the distiller (adapters, an imitation method's
+    modules), not to the student: exports and plain students leave these out."""
+    return key.startswith(DISTILLER_KEY_PREFIX)
+
+
+def method_loss_weight(cfg) -> float:
+    """lambda of the configured mode: ``TID.PKD.LOSS_WEIGHT`` (negative: PKD's published value
+    for the student's family), ``TID.FGD.LOSS_WEIGHT``, else ``TID.LOSS_WEIGHT``."""
+    if cfg.TID.MODE == "pkd":
+        w = float(cfg.TID.PKD.LOSS_WEIGHT)
+        return w if w >= 0 else pkd_default_loss_weight(cfg.TID.STUDENT_META_ARCHITECTURE)
+    if cfg.TID.MODE == "fgd":
+        return float(cfg.TID.FGD.LOSS_WEIGHT)
+    return float(cfg.TID.LOSS_WEIGHT)
+
+
+def build_imitation(
+    mode: str, feature_norm: str, teacher_channels: Dict[str, int], fgd_params: FGDParams
+) -> LevelImitation:
+    """The loss module of ``mode`` over the distilled levels ({level: C_T})."""
+    if mode == "pkd":
+        return PKDImitation()
+    if mode == "fgd":
+        return FGDImitation(teacher_channels, fgd_params)
+    return RegionImitation(feature_norm)
 
 
 def student_cfg_from(cfg):
@@ -78,6 +127,13 @@ def validate_tid_cfg(cfg) -> None:
         raise ValueError(
             "TID.LOSS_WEIGHT, TID.WARMUP_ITERS and TID.ADAPTER_WARMUP_ITERS must be >= 0"
         )
+    if tid.FGD.LOSS_WEIGHT < 0:
+        raise ValueError("TID.FGD.LOSS_WEIGHT must be >= 0")
+    if tid.MODE in _OWN_LOSS_MODES and tid.FEATURE_NORM != "none":
+        raise ValueError(
+            f"TID.FEATURE_NORM {tid.FEATURE_NORM!r} applies to the SFDM modes; TID.MODE "
+            f"{tid.MODE!r} has its own normalisation: set TID.FEATURE_NORM none"
+        )
     RegionParams(  # validates rule and weights
         weak_rule=tid.REGION.WEAK_RULE, weights=tuple(float(w) for w in tid.REGION.WEIGHTS)
     )
@@ -111,6 +167,7 @@ class TIDDistiller(nn.Module):
         region_normalize: str = "level",
         adapter_init: str = "kaiming",
         adapter_train: bool = True,
+        fgd_params: FGDParams = FGDParams(),
     ):
         """
         Args:
@@ -129,6 +186,7 @@ class TIDDistiller(nn.Module):
             region_normalize: "level", "all_levels" or "locations" (see TID.REGION.NORMALIZE).
             adapter_init: "kaiming" or "orthogonal" (see TID.ADAPTER_INIT).
             adapter_train: False keeps the adapters fixed at their start (TID.ADAPTER_TRAIN).
+            fgd_params: FGD's temperature and term weights (mode "fgd", see TID.FGD.*).
         """
         super().__init__()
         if mode not in TID_MODES:
@@ -157,17 +215,21 @@ class TIDDistiller(nn.Module):
             self.in_features = self._check_pairing(list(in_features))
             s_shapes = student.backbone.output_shape()
             t_shapes = teacher.backbone.output_shape()
+            t_channels = {f: t_shapes[f].channels for f in self.in_features}
             self.tid_adapters = FeatureAdapters(
                 {f: s_shapes[f].channels for f in self.in_features},
-                {f: t_shapes[f].channels for f in self.in_features},
+                t_channels,
                 adapter_mode,
                 adapter_init,
                 adapter_train,
             )
+            # the imitation method; its modules (FGD's GcBlocks) are saved under "tid_loss."
+            self.tid_loss = build_imitation(mode, self.feature_norm, t_channels, fgd_params)
             self._teacher_flip = self._check_formats(
                 student_cfg.INPUT.FORMAT, teacher_cfg.INPUT.FORMAT
             )
             self.tid_adapters.to(self.device)
+            self.tid_loss.to(self.device)
         self.register_state_dict_post_hook(_strip_student_prefix)
         self.register_load_state_dict_pre_hook(_add_student_prefix)
 
@@ -184,7 +246,7 @@ class TIDDistiller(nn.Module):
             "teacher_cfg": tcfg,
             "mode": cfg.TID.MODE,
             "in_features": list(cfg.TID.IN_FEATURES),
-            "loss_weight": cfg.TID.LOSS_WEIGHT,
+            "loss_weight": method_loss_weight(cfg),
             "warmup_iters": cfg.TID.WARMUP_ITERS,
             "adapter_mode": cfg.TID.ADAPTER,
             "region_params": RegionParams(
@@ -201,6 +263,7 @@ class TIDDistiller(nn.Module):
             "region_normalize": cfg.TID.REGION.NORMALIZE,
             "adapter_init": cfg.TID.ADAPTER_INIT,
             "adapter_train": cfg.TID.ADAPTER_TRAIN,
+            "fgd_params": fgd_params_for(cfg.TID.FGD, cfg.TID.STUDENT_META_ARCHITECTURE),
         }
 
     # ------------------------------------------------------------------------- set-up checks
@@ -338,12 +401,21 @@ class TIDDistiller(nn.Module):
         adapters_only = iteration < self.adapter_warmup_iters
         for level, regions, count in zip(self.in_features, per_level, counts):
             student = s_feats[level].detach() if adapters_only else s_feats[level]
-            adapted = normalize_features(self.tid_adapters(level, student), self.feature_norm)
-            target = normalize_features(maps["teacher_features"][level], self.feature_norm)
-            loss = region_imitation_loss(adapted, target, regions, count)
-            losses[f"loss_tid_{level}"] = lam * loss
+            inputs = LevelInputs(
+                valid=maps["valid"][level],
+                regions=regions,
+                counts=count,
+                gt_boxes=maps["gt_boxes"],
+                gt_batch_idx=maps["gt_batch_idx"],
+                stride=maps["strides"][level],
+            )
+            level_losses = self.tid_loss(
+                level, self.tid_adapters(level, student), maps["teacher_features"][level], inputs
+            )
+            losses.update({name: lam * loss for name, loss in level_losses.items()})
+        method_scalars = self.tid_loss.pop_log()  # every step, so nothing accumulates
         if storage is not None:
-            self._log(storage, maps, lam, batched_inputs)
+            self._log(storage, maps, lam, batched_inputs, method_scalars)
         return losses
 
     @torch.no_grad()
@@ -366,21 +438,33 @@ class TIDDistiller(nn.Module):
         s_feats = self.student_probe.features
         image_sizes = [tuple(x["image"].shape[-2:]) for x in batched_inputs]
         gt = [x["instances"].to(self.device) for x in batched_inputs]
+        gt_boxes = torch.cat([g.gt_boxes.tensor for g in gt])
+        gt_batch_idx = torch.cat(
+            [
+                torch.full((len(g),), i, dtype=torch.long, device=self.device)
+                for i, g in enumerate(gt)
+            ]
+        )
         sig_t = sig_s = None
         if self.mode in _SIG_MODES:
             sig_t = self.teacher_probe.significance(gt, image_sizes)
             sig_s = self.student_probe.significance(gt, image_sizes)
-        valid, regions = {}, {}
-        strides = self.student.backbone.output_shape()
+        valid, regions, strides = {}, {}, {}
+        shapes = self.student.backbone.output_shape()
         for level in self.in_features:
             _, _, h, w = s_feats[level].shape
-            stride = strides[level].stride
+            strides[level] = stride = shapes[level].stride
             valid[level] = valid_mask(image_sizes, (h, w), stride, self.device)
-            regions[level] = self._regions(level, valid[level], sig_t, sig_s, gt, stride)
+            regions[level] = self._regions(
+                level, valid[level], sig_t, sig_s, gt_boxes, gt_batch_idx, stride
+            )
         return {
             "teacher_features": self.teacher_probe.features,
             "valid": valid,
             "regions": regions,
+            "strides": strides,
+            "gt_boxes": gt_boxes,
+            "gt_batch_idx": gt_batch_idx,
             "sig_teacher": sig_t,
             "sig_student": sig_s,
         }
@@ -410,28 +494,24 @@ class TIDDistiller(nn.Module):
             self._clear()
             self.train(was_training)
 
-    def _regions(self, level, valid, sig_t, sig_s, gt, stride):
-        """[(name, (N, H, W) bool mask, alpha)] of one level for the current mode."""
-        if self.mode == "fitnet":
+    def _regions(self, level, valid, sig_t, sig_s, gt_boxes, gt_batch_idx, stride):
+        """[(name, (N, H, W) bool mask, alpha)] of one level for the current mode (for PKD and
+        FGD, which weight locations themselves, the areas their loss sees, for the logs)."""
+        if self.mode in ("fitnet", "pkd"):
             return uniform_regions(valid)
+        if self.mode == "fgd":
+            fg = fgd_masks(gt_boxes, gt_batch_idx, valid, stride)[0] > 0
+            return [("fg", fg, 1.0), ("bg", valid & ~fg, 1.0)]
         if self.mode == "gt_mask":
-            boxes = torch.cat([g.gt_boxes.tensor for g in gt])
-            batch_idx = torch.cat(
-                [
-                    torch.full((len(g),), i, dtype=torch.long, device=self.device)
-                    for i, g in enumerate(gt)
-                ]
-            )
-            inside = paint_boxes(
-                boxes, torch.ones(len(boxes), device=self.device), batch_idx, valid.shape, stride
-            )
+            ones = torch.ones(len(gt_boxes), device=self.device)
+            inside = paint_boxes(gt_boxes, ones, gt_batch_idx, valid.shape, stride)
             return gt_mask_regions(inside > 0, valid, self.region_params)
         return ldam_regions(
             sig_t[level], sig_s[level], valid, self.region_params, use_weak=self.mode != "no_ldam"
         )
 
     @torch.no_grad()
-    def _log(self, storage, maps, lam, batched_inputs):
+    def _log(self, storage, maps, lam, batched_inputs, method_scalars=None):
         """Region shares, mean significance and (every vis_period) pictures into the storage."""
         valid, regions = maps["valid"], maps["regions"]
         # every statistic summed on the device and read back at once: one host sync per step
@@ -448,6 +528,7 @@ class TIDDistiller(nn.Module):
         total = max(total, 1.0)
         scalars = {f"tid/{name}_share": v / total for name, v in zip(names, values)}
         scalars["tid/lambda"] = lam
+        scalars.update(method_scalars or {})
         for (who, _sig), v in zip(whos, values[len(names) :]):
             scalars[f"tid/sig_{who}_mean"] = v / total
         storage.put_scalars(**scalars, smoothing_hint=True)
@@ -501,12 +582,12 @@ def _add_student_prefix(
     """load_state_dict pre-hook: plain student keys (and old ``student.`` keys) both load."""
     for key in [k for k in state_dict if k.startswith(prefix)]:
         rest = key[len(prefix) :]
-        if rest.startswith(_STUDENT) or rest.startswith("tid_adapters."):
+        if rest.startswith(_STUDENT) or is_distiller_key(rest):
             continue
         state_dict[prefix + _STUDENT + rest] = state_dict.pop(key)
     meta = getattr(state_dict, "_metadata", None)
     if meta is not None:
         for key in [k for k in meta if k.startswith(prefix) and len(k) > len(prefix)]:
             rest = key[len(prefix) :]
-            if not rest.startswith(_STUDENT) and not rest.startswith("tid_adapters"):
+            if not rest.startswith(_STUDENT) and not is_distiller_key(rest):
                 meta[prefix + _STUDENT + rest] = meta[key]

@@ -6,12 +6,16 @@ Each region is normalised by its own location count over the whole batch, so the
 change when the same images are repeated in a batch, nor with the number of objects per image.
 """
 
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 
 __all__ = [
+    "LevelInputs",
+    "LevelImitation",
+    "RegionImitation",
     "FeatureAdapters",
     "REGION_NORMALIZERS",
     "check_feature_norm",
@@ -171,3 +175,45 @@ def region_imitation_loss(
             if alpha != 0:
                 weight.add_(mask * (alpha / count))
     return (diff * weight).sum() / teacher.shape[1]
+
+
+@dataclass
+class LevelInputs:
+    """What an imitation method may use at one distilled level besides the two feature maps.
+
+    valid: (N, H, W) bool, cells inside the unpadded images; regions: the mode's
+    [(name, mask (N, H, W) bool, alpha)]; counts: (R,) their normalisers
+    (:func:`region_counts`); gt_boxes: (B, 4) XYXY input-pixel GT boxes of all images,
+    gt_batch_idx: (B,) int64 image of each; stride: the level's stride.
+    """
+
+    valid: torch.Tensor
+    regions: List[Tuple[str, torch.Tensor, float]]
+    counts: torch.Tensor
+    gt_boxes: torch.Tensor
+    gt_batch_idx: torch.Tensor
+    stride: int
+
+
+class LevelImitation(nn.Module):
+    """An imitation method: ``forward(level, student, teacher, inputs)`` -> {loss name: scalar}
+    before lambda, with student (N, C_T, H, W) adapted features and teacher (N, C_T, H, W).
+    A method with parameters (FGD's GcBlocks) is saved under ``tid_loss.`` in TID checkpoints."""
+
+    def pop_log(self) -> Dict[str, float]:
+        """Scalars to log for the last step (e.g. a method's separate terms); cleared."""
+        return {}
+
+
+class RegionImitation(LevelImitation):
+    """SFDM (``tid`` and every mode that shares its masks: ``fitnet``, ``gt_mask``, the
+    ablations): :func:`region_imitation_loss` on features normalised by ``TID.FEATURE_NORM``."""
+
+    def __init__(self, feature_norm: str = "none"):
+        super().__init__()
+        self.feature_norm = check_feature_norm(feature_norm)
+
+    def forward(self, level, student, teacher, inputs: LevelInputs) -> Dict[str, torch.Tensor]:
+        s = normalize_features(student, self.feature_norm)
+        t = normalize_features(teacher, self.feature_norm)
+        return {f"loss_tid_{level}": region_imitation_loss(s, t, inputs.regions, inputs.counts)}
