@@ -60,6 +60,31 @@ from tid_d2.runs import (
 
 VAL, TEST = "tid_shapes_val", "tid_shapes_test"
 
+# --setting: which configs, schedules and folders a benchmark uses. "standard": the 1000-iteration
+# setting of every table so far (from-scratch ResNet-18 student); "plateau": ImageNet-initialised
+# MobileNetV2-FPN64 students trained to their plateau on val (benchmarks/plateau_curve.py), a
+# deeper MobileNetV2-FPN128 teacher trained 4x longer (configs/shapes/*_plateau.yaml).
+SETTINGS = {
+    "standard": dict(
+        config="tid_{fam}.yaml",
+        teacher_config="{fam}_mnv2_teacher.yaml",
+        iters=1000,
+        teacher_iters=None,
+        eval_period=250,
+        output="bench",
+        stem="{fam}",
+    ),
+    "plateau": dict(
+        config="tid_{fam}_plateau.yaml",
+        teacher_config="{fam}_mnv2_teacher_plateau.yaml",
+        iters=3000,
+        teacher_iters=4000,
+        eval_period=500,
+        output="bench_plateau",
+        stem="{fam}_plateau",
+    ),
+}
+
 
 def _variant_run(args, fam, mode, seed, teacher_weights, out_root, extra):
     """(output folder, config file, train_net.py overrides) of one (variant, seed) run."""
@@ -82,7 +107,8 @@ def _variant_run(args, fam, mode, seed, teacher_weights, out_root, extra):
         "VIS_PERIOD",
         "0",
     ] + extra
-    return out, os.path.join(args.config_dir, f"tid_{fam}.yaml"), opts
+    config = SETTINGS[args.setting]["config"].format(fam=fam)
+    return out, os.path.join(args.config_dir, config), opts
 
 
 def _run_variant(args, fam, mode, seed, teacher_weights, out_root, extra, threads=None):
@@ -269,21 +295,35 @@ def main(argv=None):
     p.add_argument("--family", default="retinanet", choices=["retinanet", "fcos", "rcnn"])
     p.add_argument("--modes", nargs="*", default=MODES, choices=MODES)
     p.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
-    p.add_argument("--iters", type=int, default=1000)
+    p.add_argument(
+        "--setting",
+        default="standard",
+        choices=sorted(SETTINGS),
+        help="standard: 1000-iteration from-scratch students (the tables so far); plateau: "
+        "ImageNet-initialised students trained to their plateau, a deeper teacher trained longer "
+        "(sets the defaults of --iters, --teacher-iters, --eval-period, --output, --name)",
+    )
+    p.add_argument("--iters", type=int, default=None, help="student schedule (default: setting's)")
     p.add_argument(
         "--teacher-iters",
         type=int,
         default=None,
-        help="teacher schedule (default: --iters); lets longer student schedules share a teacher",
+        help="teacher schedule (default: the setting's, else --iters); lets longer student "
+        "schedules share a teacher",
     )
     p.add_argument(
-        "--eval-period", type=int, default=250, help="val evaluation period (first seed)"
+        "--eval-period",
+        type=int,
+        default=None,
+        help="val evaluation period (first seed; default: the setting's)",
     )
     p.add_argument(
         "--parallel", type=int, default=1, help="runs at once (each gets cores/parallel threads)"
     )
     p.add_argument("--workers", type=int, default=2, help="data-loader workers per run")
-    p.add_argument("--output", default=os.path.join(REPO_ROOT, "output", "bench"))
+    p.add_argument(
+        "--output", default=None, help="run folders (default: output/<setting's folder>)"
+    )
     p.add_argument("--results", default=os.path.join(REPO_ROOT, "benchmarks", "results"))
     p.add_argument("--config-dir", default=os.path.join(REPO_ROOT, "configs", "shapes"))
     p.add_argument(
@@ -325,6 +365,15 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="every variant, 1 seed, a few iterations")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides for every run")
     args = p.parse_args(argv)
+    setting = SETTINGS[args.setting]
+    if args.iters is None:
+        args.iters = setting["iters"]
+    if args.teacher_iters is None:
+        args.teacher_iters = setting["teacher_iters"]
+    if args.eval_period is None:
+        args.eval_period = setting["eval_period"]
+    if args.output is None:
+        args.output = os.path.join(REPO_ROOT, "output", setting["output"])
     extra = list(args.opts)
     if args.quick:
         args.seeds, args.iters, args.eval_period = args.seeds[:1], 4, 2
@@ -354,7 +403,7 @@ def main(argv=None):
     elif cached_teacher(teacher_dir, teacher_iters) is None:
         print(f"[bench] training the {fam} teacher once (cached in {teacher_dir})", flush=True)
         train_net(
-            os.path.join(args.config_dir, f"{fam}_mnv2_teacher.yaml"),
+            os.path.join(args.config_dir, setting["teacher_config"].format(fam=fam)),
             teacher_dir,
             ["SOLVER.MAX_ITER", str(teacher_iters), "DATASETS.TEST", f"('{VAL}','{TEST}')"] + extra,
             label="teacher",
@@ -398,10 +447,12 @@ def main(argv=None):
     )
 
     os.makedirs(args.results, exist_ok=True)
-    stem = args.name or (f"{fam}_quick" if args.quick else fam)
+    stem = args.name or (f"{fam}_quick" if args.quick else setting["stem"].format(fam=fam))
     cost_json = os.path.join(args.results, f"{fam}_cost.json")
     cost_rows = {}
-    if os.path.isfile(cost_json) and not args.quick:
+    # cost.py measures the standard setting's models; the plateau setting has none measured yet
+    measured = not args.quick and args.setting == "standard"
+    if os.path.isfile(cost_json) and measured:
         with open(cost_json) as f:
             cost_rows = json.load(f)
     attach_cost(records, cost_rows)
@@ -419,7 +470,7 @@ def main(argv=None):
             indent=1,
         )
     cost_md = os.path.join(args.results, f"{fam}_cost.md")
-    cost = open(cost_md).read() if os.path.isfile(cost_md) and not args.quick else None
+    cost = open(cost_md).read() if os.path.isfile(cost_md) and measured else None
     text = summarize(records, fam, teacher_ap, cost, teacher_iters)
     ran = [r for r in records if "merged_from" not in r]
     reused = sum(r["wall_s"] is None for r in ran)

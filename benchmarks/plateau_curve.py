@@ -1,0 +1,268 @@
+#!/usr/bin/env python
+"""Choosing the plateau setting's student schedule on val (issue 29's first step).
+
+Trains (or, with ``--reuse``, reads) the student alone, seed 0, of ``--setting plateau`` at the
+chosen schedule S (``--iters``) and at 2 S, each evaluated on ``tid_shapes_val`` every
+``--eval-period`` iterations, and reads the plateau teacher's val curve from the benchmark's
+teacher folder. The S run is exactly the benchmark's ``none`` seed-0 run (same folder, config and
+overrides), so ``run_benchmark.py --setting plateau --reuse`` takes it as finished. Writes
+``benchmarks/results/<family>_plateau_curve.{md,json,png}`` with both checks of the setting:
+
+- plateau: val AP at S within one seed std of val AP at 2 S (the std of the student alone's seeds
+  at S, from ``--seed-std`` or the benchmark's ``<family>_plateau_runs.json`` when it has at least
+  two seeds; "pending" otherwise);
+- something to distil: the teacher's val AP at least 5 AP above the student's at 2 S.
+
+    python benchmarks/plateau_curve.py --family fcos --reuse --parallel 2
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from run_benchmark import SETTINGS, VAL, _variant_run  # noqa: E402
+
+from tid_d2.runs import (  # noqa: E402
+    REPO_ROOT,
+    ap_curve,
+    code_version,
+    command_line,
+    format_table,
+    machine_info,
+    mean_std,
+    reuse_state,
+    threads_per_run,
+    train_net,
+)
+
+MIN_TEACHER_LEAD = 5.0  # AP: the teacher above the student's plateau, else nothing to distil
+
+
+def runs(args):
+    """[(label, output folder, config file, overrides, iterations)] of the S and 2 S runs."""
+    setting = SETTINGS["plateau"]
+    bench = SimpleNamespace(
+        setting="plateau",
+        iters=args.iters,
+        eval_period=args.eval_period,
+        seeds=[0],
+        workers=args.workers,
+        config_dir=args.config_dir,
+    )
+    teacher = os.path.join(args.bench_output, f"{args.family}_teacher", "model_final.pth")
+    out, config, opts = _variant_run(bench, args.family, "none", 0, teacher, args.bench_output, [])
+    long_iters = 2 * args.iters
+    long_out = os.path.join(args.output, f"{args.family}_none_s0_{long_iters}")
+    long_opts = [
+        "SEED",
+        "0",
+        "TID.MODE",
+        "none",
+        "SOLVER.MAX_ITER",
+        str(long_iters),
+        "DATASETS.TEST",
+        f"('{VAL}',)",
+        "TEST.EVAL_PERIOD",
+        str(args.eval_period),
+        "DATALOADER.NUM_WORKERS",
+        str(args.workers),
+        "VIS_PERIOD",
+        "0",
+    ]
+    long_config = os.path.join(args.config_dir, setting["config"].format(fam=args.family))
+    return [
+        (f"S = {args.iters}", out, config, opts, args.iters),
+        (f"2 S = {long_iters}", long_out, long_config, long_opts, long_iters),
+    ]
+
+
+def _train(args, run, threads):
+    label, out, config, opts, iters = run
+    state = reuse_state(out, config, opts, VAL, iters=iters) if args.reuse else "new"
+    if state != "finished":
+        train_net(
+            config,
+            out,
+            opts,
+            label=label,
+            quiet=args.parallel > 1,
+            resume=state == "resumable",
+            threads=threads,
+        )
+    return ap_curve(out, VAL)
+
+
+def seed_std(args):
+    """The student alone's seed std of val AP at S from the benchmark's records (>= 2 seeds)."""
+    if args.seed_std is not None:
+        return args.seed_std, "--seed-std"
+    path = os.path.join(args.results, f"{args.family}_plateau_runs.json")
+    if not os.path.isfile(path):
+        return None, None
+    with open(path) as f:
+        alone = [r["val_AP"] for r in json.load(f)["runs"] if r["mode"] == "none"]
+    if len(alone) < 2:
+        return None, None
+    return (
+        mean_std(alone)[1],
+        f"{len(alone)} seeds of the student alone in {os.path.basename(path)}",
+    )
+
+
+def plot(curves, teacher, path, family):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    for label, curve in curves.items():
+        if curve:
+            x, y = zip(*curve)
+            ax.plot(x, y, "-o", ms=3, label=f"student alone, {label}")
+    if teacher:
+        x, y = zip(*teacher)
+        ax.plot(x, y, "-s", ms=3, color="k", label="teacher")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel(f"AP on {VAL}")
+    ax.set_title(f"{family}, plateau setting: val AP during training (seed 0)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--family", default="fcos", choices=["retinanet", "fcos", "rcnn"])
+    p.add_argument("--iters", type=int, default=SETTINGS["plateau"]["iters"], help="S")
+    p.add_argument("--eval-period", type=int, default=SETTINGS["plateau"]["eval_period"])
+    p.add_argument("--workers", type=int, default=1, help="data-loader workers per run")
+    p.add_argument("--parallel", type=int, default=2, help="runs at once")
+    p.add_argument("--seed-std", type=float, default=None, help="seed std of val AP at S")
+    p.add_argument("--reuse", action="store_true", help="reuse finished runs, resume stopped ones")
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="train nothing: report the evaluations there are (runs still going elsewhere)",
+    )
+    p.add_argument("--output", default=os.path.join(REPO_ROOT, "output", "plateau_curve"))
+    p.add_argument(
+        "--bench-output",
+        default=os.path.join(REPO_ROOT, "output", SETTINGS["plateau"]["output"]),
+        help="the plateau benchmark's run folders (its none s0 run and its teacher)",
+    )
+    p.add_argument("--results", default=os.path.join(REPO_ROOT, "benchmarks", "results"))
+    p.add_argument("--config-dir", default=os.path.join(REPO_ROOT, "configs", "shapes"))
+    args = p.parse_args(argv)
+
+    from tid_d2.data import ensure_generated
+
+    for split in ("train", "val", "test"):
+        ensure_generated(f"tid_shapes_{split}")
+    start = time.time()
+    todo = runs(args)
+    if args.report_only:
+        curves = {label: ap_curve(out, VAL) for label, out, *_ in todo}
+    else:
+        threads = threads_per_run(args.parallel)
+        with ThreadPoolExecutor(max_workers=args.parallel) as pool:
+            got = list(pool.map(lambda r: _train(args, r, threads), todo))
+        curves = {r[0]: c for r, c in zip(todo, got)}
+    teacher_dir = os.path.join(args.bench_output, f"{args.family}_teacher")
+    teacher = ap_curve(teacher_dir, VAL)
+
+    (s_label, *_), (l_label, *_) = todo
+    final = {label: (c[-1] if c else None) for label, c in curves.items()}
+    # a run is finished when its last evaluation is at its own schedule's end
+    done = {label: bool(curves[label]) and curves[label][-1][0] >= n for label, *_, n in todo}
+    std, std_from = seed_std(args)
+    rows = []
+    for label, curve in curves.items():
+        rows.append(
+            {
+                "run": f"student alone, {label}",
+                "val AP per evaluation (iteration: AP)": ", ".join(
+                    f"{it}: {ap:.1f}" for it, ap in curve
+                )
+                or "-",
+                "final": f"{curve[-1][1]:.2f}" if curve and done[label] else "unfinished",
+            }
+        )
+    rows.append(
+        {
+            "run": "teacher",
+            "val AP per evaluation (iteration: AP)": ", ".join(
+                f"{it}: {ap:.1f}" for it, ap in teacher
+            )
+            or "-",
+            "final": f"{teacher[-1][1]:.2f}" if teacher else "unfinished",
+        }
+    )
+    checks = []
+    if done[s_label] and done[l_label]:
+        diff = final[s_label][1] - final[l_label][1]
+        if std is None:
+            verdict = "pending (no seed std of the student alone yet)"
+        else:
+            verdict = "holds" if abs(diff) <= std else "does NOT hold"
+        checks.append(
+            f"- plateau: val AP at {s_label} minus at {l_label} = {diff:+.2f}; one seed std = "
+            + (f"{std:.2f} ({std_from})" if std is not None else "unknown")
+            + f": {verdict}."
+        )
+    else:
+        checks.append("- plateau: pending (a run is unfinished).")
+    if teacher and done[l_label]:
+        lead = teacher[-1][1] - final[l_label][1]
+        ok = "holds" if lead >= MIN_TEACHER_LEAD else "does NOT hold"
+        checks.append(
+            f"- something to distil: teacher val AP {teacher[-1][1]:.2f} minus the student's at "
+            f"{l_label} {final[l_label][1]:.2f} = {lead:+.2f} (needs >= {MIN_TEACHER_LEAD:.0f}): {ok}."
+        )
+    else:
+        checks.append("- something to distil: pending (teacher or the 2 S run unfinished).")
+
+    stem = f"{args.family}_plateau_curve"
+    os.makedirs(args.results, exist_ok=True)
+    text = (
+        f"### {args.family}, plateau setting: the student alone's schedule on {VAL} (seed 0)\n\n"
+        + format_table(rows, ["run", "val AP per evaluation (iteration: AP)", "final"])
+        + "\n\n"
+        + "\n".join(checks)
+        + f"\n\nCommand: `{command_line('benchmarks/plateau_curve.py')}` "
+        f"({(time.time() - start) / 60:.0f} min).\n"
+    )
+    with open(os.path.join(args.results, f"{stem}.md"), "w") as f:
+        f.write(text)
+    with open(os.path.join(args.results, f"{stem}.json"), "w") as f:
+        json.dump(
+            {
+                "family": args.family,
+                "iters": args.iters,
+                "curves": curves,
+                "teacher_curve": teacher,
+                "seed_std": std,
+                "machine": machine_info(),
+                "code": code_version(),
+                "command": command_line("benchmarks/plateau_curve.py"),
+            },
+            f,
+            indent=1,
+        )
+    plot(curves, teacher, os.path.join(args.results, f"{stem}.png"), args.family)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
