@@ -26,7 +26,7 @@ from types import SimpleNamespace
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from run_benchmark import SETTINGS, VAL, _variant_run  # noqa: E402
+from run_benchmark import FAMILIES, SETTINGS, VAL, _variant_run  # noqa: E402
 
 from tid_d2.runs import (  # noqa: E402
     REPO_ROOT,
@@ -143,7 +143,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--family", default="fcos", choices=["retinanet", "fcos", "rcnn"])
+    p.add_argument("--family", default="fcos", choices=FAMILIES)
     p.add_argument("--iters", type=int, default=SETTINGS["plateau"]["iters"], help="S")
     p.add_argument("--eval-period", type=int, default=SETTINGS["plateau"]["eval_period"])
     p.add_argument("--workers", type=int, default=1, help="data-loader workers per run")

@@ -41,6 +41,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from tid_d2.runs import (
     AP_FIELDS,
+    BENCHMARK_FAMILIES as FAMILIES,
     BENCHMARK_MODES as MODES,
     REPO_ROOT,
     ap_curve,
@@ -292,7 +293,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--family", default="retinanet", choices=["retinanet", "fcos", "rcnn"])
+    p.add_argument("--family", default="retinanet", choices=FAMILIES)
     p.add_argument("--modes", nargs="*", default=MODES, choices=MODES)
     p.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
     p.add_argument(

@@ -38,7 +38,7 @@ def tiny_cfg(family: str = "RetinaNet", width: int = 16, depth: int = 18):
     cfg.MODEL.BACKBONE.FREEZE_AT = 0
     cfg.MODEL.FPN.OUT_CHANNELS = width
     cfg.INPUT.FORMAT = "BGR"
-    if family in ("RetinaNet", "FCOS"):
+    if family in ("RetinaNet", "FCOS", "ATSS", "GFL"):
         cfg.MODEL.META_ARCHITECTURE = family
         cfg.MODEL.BACKBONE.NAME = "build_retinanet_resnet_fpn_backbone"
         cfg.MODEL.RESNETS.OUT_FEATURES = ["res3", "res4", "res5"]
@@ -48,6 +48,10 @@ def tiny_cfg(family: str = "RetinaNet", width: int = 16, depth: int = 18):
         cfg.MODEL.FCOS.NUM_CLASSES = NUM_CLASSES
         cfg.MODEL.FCOS.NUM_CONVS = 1
         cfg.MODEL.FCOS.HEAD_NORM = ""
+        for node in (cfg.MODEL.ATSS, cfg.MODEL.GFL):
+            node.NUM_CLASSES = NUM_CLASSES
+            node.NUM_CONVS = 1
+            node.HEAD_NORM = ""  # GroupNorm(32, C) needs C >= 32
         cfg.MODEL.ANCHOR_GENERATOR.SIZES = [
             [8, 11, 16],
             [16, 23, 32],

@@ -148,6 +148,13 @@ def add_tid_config(cfg):
     _C.TID.SIG.SINGLE_THRESHOLD_NEG = 0.3
     # (t_neg, t_pos) for detectors without IoU thresholds, e.g. FCOS [ours].
     _C.TID.SIG.ANCHOR_FREE_IOU_THRESHOLDS = [0.4, 0.5]
+    # Score_r of ATSS / GFL: "adaptive" = t_pos is the ATSS threshold (mean + std of the
+    # candidates' IoUs) of the GT a location's box overlaps most, the detector's own positive
+    # rule [paper's principle]; "fixed" = ANCHOR_FREE_IOU_THRESHOLDS [ours].
+    _C.TID.SIG.IOU_RULE = "adaptive"
+    # t_neg = this x the adaptive t_pos: ATSS has no ignore band, the paper's middle tier needs
+    # one; 0.8 = RetinaNet's 0.4 / 0.5 [ours].
+    _C.TID.SIG.ADAPTIVE_NEG_FACTOR = 0.8
     # Value of the score a single-task variant switches off (cls_only: Score_r, reg_only:
     # Score_c). 2.0 keeps kappa / delta reachable; with 1.0 no location could be key [ours].
     _C.TID.SIG.ABLATED_SCORE = 2.0

@@ -18,6 +18,7 @@ from .modeling.distiller import TID_MODES
 __all__ = [
     "REPO_ROOT",
     "BENCHMARK_MODES",
+    "BENCHMARK_FAMILIES",
     "train_net",
     "reuse_state",
     "read_metrics",
@@ -34,6 +35,9 @@ __all__ = [
 # The distiller's variants in the order the benchmarks run and tabulate them: the student alone
 # first, TID last.
 BENCHMARK_MODES = ["none", *(m for m in TID_MODES if m not in ("none", "tid")), "tid"]
+# Detector families of the benchmarks, by config stem (configs/shapes/tid_<family>.yaml and
+# <family>_mnv2_teacher.yaml).
+BENCHMARK_FAMILIES = ["retinanet", "fcos", "rcnn", "atss", "gfl"]
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 AP_FIELDS = ("AP", "AP50", "AP75", "APs", "APm", "APl")

@@ -121,6 +121,11 @@ def validate_tid_cfg(cfg) -> None:
     check_unit("TID.SIG.CLS_THRESHOLDS", tid.SIG.CLS_THRESHOLDS, 2)
     check_unit("TID.SIG.ANCHOR_FREE_IOU_THRESHOLDS", tid.SIG.ANCHOR_FREE_IOU_THRESHOLDS, 2)
     check_unit("TID.SIG.SINGLE_THRESHOLD_NEG", [tid.SIG.SINGLE_THRESHOLD_NEG], 1)
+    check_unit("TID.SIG.ADAPTIVE_NEG_FACTOR", [tid.SIG.ADAPTIVE_NEG_FACTOR], 1)
+    if tid.SIG.IOU_RULE not in ("adaptive", "fixed"):
+        raise ValueError(
+            f"TID.SIG.IOU_RULE must be 'adaptive' or 'fixed', got {tid.SIG.IOU_RULE!r}"
+        )
     if len(tid.SIG.IOU_THRESHOLDS):
         check_unit("TID.SIG.IOU_THRESHOLDS", tid.SIG.IOU_THRESHOLDS, 2)
     if tid.LOSS_WEIGHT < 0 or tid.WARMUP_ITERS < 0 or tid.ADAPTER_WARMUP_ITERS < 0:

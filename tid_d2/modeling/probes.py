@@ -145,14 +145,20 @@ def _dense_significance(
     gt_instances: List[Instances],
     params: SigParams,
     class_agnostic: bool = False,
+    gt_iou_thresholds: Optional[List[torch.Tensor]] = None,
+    adaptive_neg_factor: float = 0.8,
 ) -> Dict[str, torch.Tensor]:
     """Significance of a dense head; each location keeps the max over its anchors.
 
     Args:
         anchors: per level, Boxes of (H*W*A, 4), detectron2's (H, W, A) order.
-        box_deltas: per level, (N, A*4, H, W) raw regression outputs.
+        box_deltas: per level, (N, A*4, H, W) raw regression outputs (decoded by
+            ``box2box_transform.apply_deltas`` against the anchors).
         probs: per level, (N, H*W*A, C) probabilities (sigmoid heads; C = 1 for objectness).
         class_agnostic: match every GT as class 0 (the RPN).
+        gt_iou_thresholds: per image, (G_i,) an IoU threshold per GT box (ATSS's adaptive mean +
+            std): a prediction's t_pos is that of the GT its box overlaps most, its t_neg
+            ``adaptive_neg_factor`` x t_pos; None = ``params.iou_thresholds`` everywhere.
     Returns:
         {level: (N, H, W)}.
     """
@@ -164,14 +170,40 @@ def _dense_significance(
     n, m = d.shape[:2]
     anc = torch.cat([a.tensor.float() for a in anchors])  # (M, 4)
     boxes = box2box_transform.apply_deltas(d.reshape(-1, 4), anc.repeat(n, 1)).view(n, m, 4)
-    iou, cls = match_to_gt(list(boxes.unbind(0)), gt_boxes, gt_classes)
+    iou, cls, idx = match_to_gt(list(boxes.unbind(0)), gt_boxes, gt_classes, return_index=True)
     prob = torch.cat([p.float() for p in probs], dim=1)
-    sig = significance(torch.stack(iou), prob, torch.stack(cls), params, "sigmoid")
+    thresholds = None
+    if gt_iou_thresholds is not None:
+        thresholds = _matched_thresholds(torch.stack(idx), gt_iou_thresholds, adaptive_neg_factor)
+    sig = significance(torch.stack(iou), prob, torch.stack(cls), params, "sigmoid", thresholds)
     out = {}
     for level, sig_level in zip(levels, sig.split([len(a) for a in anchors], dim=1)):
         _, _, h, w = features[level].shape
         out[level] = sig_level.reshape(n, h, w, -1).amax(dim=-1)
     return out
+
+
+def _matched_thresholds(
+    matched_index: torch.Tensor, gt_iou_thresholds: List[torch.Tensor], neg_factor: float
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-prediction (t_neg, t_pos), each (N, M) fp32, from the matched GT's threshold.
+
+    Args:
+        matched_index: (N, M) int64 index of each prediction's best GT in its image, -1 if none.
+        gt_iou_thresholds: per image, (G_i,) thresholds.
+        neg_factor: t_neg = neg_factor x t_pos.
+    A prediction in an image without GT gets t_pos = 1 (its IoU is 0: the low tier anyway).
+    """
+    from torch.nn.utils.rnn import pad_sequence
+
+    table = pad_sequence(
+        [t.float().clamp(0.0, 1.0) for t in gt_iou_thresholds], batch_first=True, padding_value=1.0
+    )  # (N, G_max)
+    table = torch.cat([table, table.new_ones(table.shape[0], 1)], dim=1)  # last column: no GT
+    no_gt = torch.full_like(matched_index, table.shape[1] - 1)
+    col = torch.where(matched_index >= 0, matched_index, no_gt)
+    t_pos = table.gather(1, col)
+    return neg_factor * t_pos, t_pos
 
 
 @PROBE_REGISTRY.register()
@@ -240,6 +272,85 @@ class FCOSProbe(RetinaNetProbe):
             )
             for cls, ctr in zip(head_out[0], head_out[2])
         ]
+
+
+@PROBE_REGISTRY.register()
+class ATSSProbe(RetinaNetProbe):
+    """ATSS (tid_d2/modeling/atss.py): one square anchor per location; q from
+    sigmoid(cls) x sigmoid(centerness), the score its inference ranks detections by.
+
+    Score_r follows the detector's own positive rule, ATSS's adaptive IoU threshold, by default
+    (``TID.SIG.IOU_RULE adaptive``): t_pos of a location = the mean + std threshold that the ATSS
+    assignment computes for the GT its predicted box overlaps most (from the same anchors and
+    GT boxes as the detector's training), t_neg = ``TID.SIG.ADAPTIVE_NEG_FACTOR`` x t_pos (ATSS
+    has no ignore band; docs/method.md). ``TID.SIG.IOU_RULE fixed`` uses
+    ``TID.SIG.ANCHOR_FREE_IOU_THRESHOLDS`` instead; ``TID.SIG.IOU_THRESHOLDS`` overrides both.
+    """
+
+    family = "ATSS"
+
+    def default_iou_thresholds(self):
+        return tuple(self.tid_cfg.TID.SIG.ANCHOR_FREE_IOU_THRESHOLDS)
+
+    def _probs(self, head_out):
+        k = self.model.num_classes
+        return [
+            permute_to_N_HWA_K(cls.float(), k).sigmoid()
+            * permute_to_N_HWA_K(ctr.float(), 1).sigmoid()
+            for cls, ctr in zip(head_out[0], head_out[2])
+        ]
+
+    def _box_outputs(self, head_out) -> List[torch.Tensor]:
+        """Per level, (N, 4, H, W) outputs that ``model.box2box_transform`` decodes."""
+        return head_out[1]
+
+    def adaptive_thresholds(self, gt_instances) -> Optional[List[torch.Tensor]]:
+        """Per image, (G_i,) ATSS thresholds of its GT boxes; None when the fixed rule is set."""
+        sig = self.tid_cfg.TID.SIG
+        if sig.IOU_RULE == "fixed" or len(sig.IOU_THRESHOLDS) > 0:
+            return None
+        from .atss import assign_batch
+
+        assignments = assign_batch(self.captured["anchors"], gt_instances, self.model.topk)
+        return [a.gt_iou_thresholds for a in assignments]
+
+    @torch.no_grad()
+    def significance(self, gt_instances, image_sizes):
+        head_out = self.captured["head"]
+        return _dense_significance(
+            self.head_levels,
+            self.features,
+            self.captured["anchors"],
+            self._box_outputs(head_out),
+            self._probs(head_out),
+            self.model.box2box_transform,
+            gt_instances,
+            sig_params_for(self.tid_cfg, self.default_iou_thresholds()),
+            gt_iou_thresholds=self.adaptive_thresholds(gt_instances),
+            adaptive_neg_factor=float(self.tid_cfg.TID.SIG.ADAPTIVE_NEG_FACTOR),
+        )
+
+
+@PROBE_REGISTRY.register()
+class GFLProbe(ATSSProbe):
+    """GFL (tid_d2/modeling/gfl.py): the predicted box of a location is the integral of its side
+    distributions (the expectation over 0..REG_MAX strides); q = sigmoid(cls), GFL's joint
+    classification-quality score, which its inference ranks by. Score_r as ATSS (same
+    assignment)."""
+
+    family = "GFL"
+
+    def _probs(self, head_out):
+        k = self.model.num_classes
+        return [permute_to_N_HWA_K(cls.float(), k).sigmoid() for cls in head_out[0]]
+
+    def _box_outputs(self, head_out):
+        """Per level, (N, 4, H, W) pixel distances (l, t, r, b) from the anchor centres."""
+        out = []
+        for logits, stride in zip(head_out[1], self.model.strides):
+            dist = self.model.decode_distances(logits.float().permute(0, 2, 3, 1), stride)
+            out.append(dist.permute(0, 3, 1, 2))
+        return out
 
 
 @PROBE_REGISTRY.register()

@@ -12,7 +12,7 @@ safe under AMP.
 """
 
 from dataclasses import dataclass
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch.nn.utils.rnn import pad_sequence
@@ -78,11 +78,17 @@ class SigParams:
             raise ValueError(f"TID.SIG.SCORE_VALUES needs 3 values, got {list(self.values)}")
 
 
-def tier(x: torch.Tensor, lo: float, hi: float, values: Sequence[float]) -> torch.Tensor:
+def tier(
+    x: torch.Tensor,
+    lo: Union[float, torch.Tensor],
+    hi: Union[float, torch.Tensor],
+    values: Sequence[float],
+) -> torch.Tensor:
     """Three-tier score: ``values[2]`` if x >= hi, ``values[1]`` if lo < x < hi, else ``values[0]``.
 
     Args:
         x: any shape, fp32.
+        lo, hi: numbers, or tensors of x's shape (per-prediction thresholds, e.g. ATSS's).
     Returns:
         Tensor of x's shape and dtype.
     """
@@ -94,8 +100,11 @@ def tier(x: torch.Tensor, lo: float, hi: float, values: Sequence[float]) -> torc
 
 @torch.no_grad()
 def match_to_gt(
-    pred_boxes: List[torch.Tensor], gt_boxes: List[torch.Tensor], gt_classes: List[torch.Tensor]
-) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+    pred_boxes: List[torch.Tensor],
+    gt_boxes: List[torch.Tensor],
+    gt_classes: List[torch.Tensor],
+    return_index: bool = False,
+) -> Tuple[List[torch.Tensor], ...]:
     """Best-overlapping GT of every predicted box, within its own image (as detectron2's matchers).
 
     Vectorised over the batch: predictions and GT are padded to the largest image's counts and
@@ -110,6 +119,8 @@ def match_to_gt(
     Returns:
         iou_max: per image, (M_i,) fp32, 0 where the image has no GT.
         matched_class: per image, (M_i,) int64 class of the best GT, -1 where the image has no GT.
+        matched_index: with ``return_index``, per image, (M_i,) int64 index of the best GT in
+            the image's list, -1 where the image has no GT.
     """
     n = len(pred_boxes)
     if n == 0:
@@ -121,6 +132,7 @@ def match_to_gt(
     if g_max == 0 or max(counts) == 0:
         best = torch.zeros(n, max(counts), device=device)
         best_cls = torch.full((n, max(counts)), -1, dtype=torch.long, device=device)
+        best_idx = best_cls.clone()
     else:
         preds = pad_sequence(pred_boxes, batch_first=True).float()  # (N, M, 4)
         gts = pad_sequence(gt_boxes, batch_first=True).to(device, torch.float32)  # (N, G, 4)
@@ -137,10 +149,12 @@ def match_to_gt(
         best = torch.cat(best_parts, dim=1)  # (N, M); -1 in images without GT
         idx = torch.cat(idx_parts, dim=1)
         best_cls = torch.where(best >= 0, cls.gather(1, idx), torch.full_like(idx, -1))
+        best_idx = torch.where(best >= 0, idx, torch.full_like(idx, -1))
         best = best.clamp(min=0)
+    outputs = (best, best_cls, best_idx) if return_index else (best, best_cls)
     if len(set(counts)) == 1:
-        return list(best.unbind(0)), list(best_cls.unbind(0))
-    return [b[:m] for b, m in zip(best, counts)], [c[:m] for c, m in zip(best_cls, counts)]
+        return tuple(list(x.unbind(0)) for x in outputs)
+    return tuple([x[:m] for x, m in zip(t, counts)] for t in outputs)
 
 
 @torch.no_grad()
@@ -179,17 +193,20 @@ def significance(
     matched_class: torch.Tensor,
     params: SigParams,
     background: str,
+    iou_thresholds: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
 ) -> torch.Tensor:
     """Sig_i = Score_c,i * Score_r,i for a batch of predictions.
 
     Args:
         iou_max: (...) fp32 best IoU of each predicted box with the GT of its image.
         probs, matched_class, background: see :func:`classification_quality`.
+        iou_thresholds: per-prediction (t_neg, t_pos), each of iou_max's shape, instead of
+            ``params.iou_thresholds`` (ATSS / GFL: the adaptive threshold of the matched GT).
     Returns:
         (...) fp32 significance.
     """
     iou_max = iou_max.float()
-    t_neg, t_pos = params.iou_thresholds
+    t_neg, t_pos = params.iou_thresholds if iou_thresholds is None else iou_thresholds
     s_neg, s_pos = params.cls_thresholds
     if params.use_reg:
         score_r = tier(iou_max, t_neg, t_pos, params.values)
