@@ -39,7 +39,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tid_d2.runs import (
+from tid_d2.modeling.distiller import loss_weight_key  # noqa: E402
+from tid_d2.runs import (  # noqa: E402
     AP_FIELDS,
     BENCHMARK_FAMILIES as FAMILIES,
     BENCHMARK_MODES as MODES,
@@ -87,14 +88,48 @@ SETTINGS = {
 }
 
 
+# The variants of a table: every TID.MODE (tid_d2.runs.BENCHMARK_MODES) and TID with one option
+# changed (issue 29), name -> (TID.MODE, overrides); table order: the student alone first, TID last.
+EXTRA_VARIANTS = {
+    "tid_locations": ("tid", ["TID.REGION.NORMALIZE", "locations"]),
+    "tid_channel_norm": ("tid", ["TID.FEATURE_NORM", "channel"]),
+}
+VARIANTS = [*MODES[:-1], *EXTRA_VARIANTS, MODES[-1]]
+# the variants a benchmark runs unless --modes says otherwise (the TID.MODE values)
+DEFAULT_VARIANTS = list(MODES)
+
+
+def variant_opts(variant, loss_weights=None):
+    """train_net.py overrides of a variant: its TID.MODE, its own options and, when
+    ``loss_weights`` ({variant: lambda}, chosen on val by benchmarks/lambda_grid.py) has it, its
+    loss weight under the mode's key."""
+    mode, opts = EXTRA_VARIANTS.get(variant, (variant, []))
+    out = ["TID.MODE", mode, *opts]
+    if loss_weights and variant in loss_weights:
+        out += [loss_weight_key(mode), str(loss_weights[variant])]
+    return out
+
+
+def lambda_file(results_dir, fam, setting):
+    """Where benchmarks/lambda_grid.py writes the val-chosen loss weights of a setting."""
+    return os.path.join(results_dir, f"{SETTINGS[setting]['stem'].format(fam=fam)}_lambda.json")
+
+
+def chosen_loss_weights(path):
+    """{variant: lambda} chosen on val (``lambda_file``), {} when there is no such file."""
+    if not path or not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        return {k: float(v) for k, v in json.load(f)["chosen"].items()}
+
+
 def _variant_run(args, fam, mode, seed, teacher_weights, out_root, extra):
     """(output folder, config file, train_net.py overrides) of one (variant, seed) run."""
     out = os.path.join(out_root, f"{fam}_{mode}_s{seed}")
     opts = [
         "SEED",
         str(seed),
-        "TID.MODE",
-        mode,
+        *variant_opts(mode, getattr(args, "loss_weights", None)),
         "TID.TEACHER.WEIGHTS",
         teacher_weights,
         "SOLVER.MAX_ITER",
@@ -127,6 +162,7 @@ def _run_variant(args, fam, mode, seed, teacher_weights, out_root, extra, thread
             threads=threads,
         )
     record = {"family": fam, "mode": mode, "seed": seed, "iterations": args.iters, "wall_s": secs}
+    record["variant_opts"] = variant_opts(mode, getattr(args, "loss_weights", None))
     record["resumed"] = state == "resumable"
     record.update({f: v for f, v in final_ap(out, TEST).items()})
     record.update({f"val_{f}": v for f, v in final_ap(out, VAL).items()})
@@ -188,7 +224,7 @@ def merge_records(records, paths, fam, iters, teacher_ap, modes=None):
             have.add((r["mode"], r["seed"]))
             merged.append(dict(r, merged_from=os.path.basename(path)))
         commands.append(f"`{os.path.basename(path)}`: `python {data['command']}`")
-    merged.sort(key=lambda r: (r["seed"], MODES.index(r["mode"])))
+    merged.sort(key=lambda r: (r["seed"], VARIANTS.index(r["mode"])))
     return merged, commands
 
 
@@ -209,7 +245,7 @@ def summarize(records, fam, teacher_ap, cost=None, teacher_iters=None):
     is compared on its own seeds (with every seed in both, (mean AP - mean alone) / (teacher -
     mean alone))."""
     rows = []
-    for mode in MODES:
+    for mode in VARIANTS:
         rs = [r for r in records if r["mode"] == mode]
         if not rs:
             continue
@@ -246,7 +282,7 @@ def plots(records, fam, out_dir, stem=None):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 3.5))
-    modes = [m for m in MODES if any(r["mode"] == m for r in records)]
+    modes = [m for m in VARIANTS if any(r["mode"] == m for r in records)]
     for i, mode in enumerate(modes):
         aps = [r["AP"] for r in records if r["mode"] == mode]
         ax.scatter([i] * len(aps), aps, color="gray", s=12, zorder=3)
@@ -294,7 +330,13 @@ def main(argv=None):
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--family", default="retinanet", choices=FAMILIES)
-    p.add_argument("--modes", nargs="*", default=MODES, choices=MODES)
+    p.add_argument(
+        "--modes",
+        nargs="*",
+        default=DEFAULT_VARIANTS,
+        choices=VARIANTS,
+        help="variants: the TID.MODE values (default) and " + ", ".join(EXTRA_VARIANTS),
+    )
     p.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
     p.add_argument(
         "--setting",
@@ -350,7 +392,7 @@ def main(argv=None):
     p.add_argument(
         "--merge-modes",
         nargs="*",
-        choices=MODES,
+        choices=VARIANTS,
         default=None,
         help="take only these variants from the --merge files (default: all), e.g. 'none' to "
         "compare a run with overrides against the student alone without mixing in variants "
@@ -375,6 +417,8 @@ def main(argv=None):
         args.eval_period = setting["eval_period"]
     if args.output is None:
         args.output = os.path.join(REPO_ROOT, "output", setting["output"])
+    # each variant's loss weight as chosen on val for this setting, where that has been done
+    args.loss_weights = chosen_loss_weights(lambda_file(args.results, args.family, args.setting))
     extra = list(args.opts)
     if args.quick:
         args.seeds, args.iters, args.eval_period = args.seeds[:1], 4, 2
@@ -473,6 +517,13 @@ def main(argv=None):
     cost_md = os.path.join(args.results, f"{fam}_cost.md")
     cost = open(cost_md).read() if os.path.isfile(cost_md) and measured else None
     text = summarize(records, fam, teacher_ap, cost, teacher_iters)
+    if args.loss_weights:
+        text += (
+            "\n\nLoss weights chosen on val (benchmarks/lambda_grid.py, "
+            f"`{os.path.basename(lambda_file(args.results, fam, args.setting))}`): "
+            + ", ".join(f"{v} {w:g}" for v, w in args.loss_weights.items())
+            + "; the other variants keep their config's."
+        )
     ran = [r for r in records if "merged_from" not in r]
     reused = sum(r["wall_s"] is None for r in ran)
     resumed = sum(r["resumed"] for r in ran)

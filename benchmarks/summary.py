@@ -18,13 +18,25 @@ from typing import Dict, List, Sequence, Tuple
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from run_benchmark import MODES, paired_with_alone  # noqa: E402  (this script's own folder)
+from run_benchmark import (  # noqa: E402  (this script's own folder)
+    EXTRA_VARIANTS,
+    MODES,
+    VARIANTS,
+    paired_with_alone,
+)
 from tid_d2.runs import fmt_mean_std, format_table, mean_std  # noqa: E402
 
 HEADER = {"none": "student alone", "tid": "TID"}
 
 
-def family_row(label: str, data: Dict) -> Dict[str, str]:
+def _columns(families: Sequence[Tuple[str, Dict]]) -> List[str]:
+    """Every TID.MODE (a dash where a family has none), and a variant of EXTRA_VARIANTS only when
+    some family has it, in the benchmark's table order."""
+    present = {r["mode"] for _, data in families for r in data["runs"]}
+    return [v for v in VARIANTS if v in MODES or (v in EXTRA_VARIANTS and v in present)]
+
+
+def family_row(label: str, data: Dict, columns: Sequence[str] = MODES) -> Dict[str, str]:
     """One table row from a runs file's contents (``{"teacher_AP", "runs": [records]}``)."""
     runs = data["runs"]
     by_mode: Dict[str, Dict[int, float]] = {}
@@ -32,7 +44,7 @@ def family_row(label: str, data: Dict) -> Dict[str, str]:
         by_mode.setdefault(r["mode"], {})[r["seed"]] = r["AP"]
     base = by_mode.get("none", {})
     row = {"family": label, "teacher": f"{data['teacher_AP']:.2f}"}
-    for mode in MODES:
+    for mode in columns:
         aps = by_mode.get(mode)
         if not aps:
             row[HEADER.get(mode, mode)] = "-"
@@ -48,8 +60,9 @@ def family_row(label: str, data: Dict) -> Dict[str, str]:
 
 def summary_table(families: Sequence[Tuple[str, Dict]]) -> str:
     """Markdown table, one row per (label, runs-file contents)."""
-    rows: List[Dict[str, str]] = [family_row(label, data) for label, data in families]
-    cols = ["family", "teacher", *(HEADER.get(m, m) for m in MODES), "TID - alone"]
+    columns = _columns(families)
+    rows: List[Dict[str, str]] = [family_row(label, data, columns) for label, data in families]
+    cols = ["family", "teacher", *(HEADER.get(m, m) for m in columns), "TID - alone"]
     return format_table(rows, cols)
 
 

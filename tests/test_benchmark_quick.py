@@ -379,3 +379,49 @@ def test_summary_table_one_row_per_family_hand_computed():
     assert cells["gt_mask"] == "-"
     assert cells["TID"] == "14.00 ± 4.24"  # std sqrt(18)
     assert cells["TID - alone"] == "+2.00 ± 1.41"  # paired +1, +3
+
+
+def test_variants_settings_and_val_chosen_loss_weights(tmp_path):
+    """A table's variants are the TID.MODE values plus TID with one option changed; a loss weight
+    chosen on val (benchmarks/lambda_grid.py's file) reaches the variant's run under its mode's
+    own key, and every variant of every setting is a valid config."""
+    from types import SimpleNamespace
+
+    from tid_d2.config import get_cfg
+    from tid_d2.modeling.distiller import validate_tid_cfg
+
+    bench = _benchmark_script("run_benchmark")
+    assert bench.VARIANTS[0] == "none" and bench.VARIANTS[-1] == "tid"
+    assert {"pkd", "fgd", "tid_locations", "tid_channel_norm"} <= set(bench.VARIANTS)
+    assert bench.variant_opts("tid_locations") == [
+        "TID.MODE",
+        "tid",
+        "TID.REGION.NORMALIZE",
+        "locations",
+    ]
+    path = bench.lambda_file(str(tmp_path), "fcos", "plateau")
+    assert os.path.basename(path) == "fcos_plateau_lambda.json"
+    assert bench.chosen_loss_weights(path) == {}
+    with open(path, "w") as f:
+        json.dump({"chosen": {"pkd": 3.0, "tid_channel_norm": 0.01, "fgd": 10}}, f)
+    weights = bench.chosen_loss_weights(path)
+    assert bench.variant_opts("pkd", weights) == ["TID.MODE", "pkd", "TID.PKD.LOSS_WEIGHT", "3.0"]
+    assert bench.variant_opts("fgd", weights)[-2:] == ["TID.FGD.LOSS_WEIGHT", "10.0"]
+    assert bench.variant_opts("tid_channel_norm", weights)[-2:] == ["TID.LOSS_WEIGHT", "0.01"]
+    assert bench.variant_opts("none", weights) == ["TID.MODE", "none"]
+    for setting in bench.SETTINGS:
+        args = SimpleNamespace(
+            iters=10,
+            eval_period=5,
+            seeds=[0],
+            workers=0,
+            setting=setting,
+            config_dir=os.path.join(REPO, "configs", "shapes"),
+            loss_weights=weights,
+        )
+        for variant in bench.VARIANTS:
+            _, config, opts = bench._variant_run(args, "fcos", variant, 0, "t.pth", "/o", [])
+            cfg = get_cfg()
+            cfg.merge_from_file(config)
+            cfg.merge_from_list(opts)
+            validate_tid_cfg(cfg)

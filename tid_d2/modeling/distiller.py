@@ -52,6 +52,7 @@ __all__ = [
     "DISTILLER_KEY_PREFIX",
     "is_distiller_key",
     "method_loss_weight",
+    "loss_weight_key",
 ]
 
 logger = logging.getLogger(__name__)
@@ -69,6 +70,11 @@ def is_distiller_key(key: str) -> bool:
     """Whether a TID checkpoint key belongs to the distiller (adapters, an imitation method's
     modules), not to the student: exports and plain students leave these out."""
     return key.startswith(DISTILLER_KEY_PREFIX)
+
+
+def loss_weight_key(mode: str) -> str:
+    """The config key of lambda in ``mode``: each method has its own (see method_loss_weight)."""
+    return {"pkd": "TID.PKD.LOSS_WEIGHT", "fgd": "TID.FGD.LOSS_WEIGHT"}.get(mode, "TID.LOSS_WEIGHT")
 
 
 def method_loss_weight(cfg) -> float:
@@ -173,6 +179,8 @@ class TIDDistiller(nn.Module):
         adapter_init: str = "kaiming",
         adapter_train: bool = True,
         fgd_params: FGDParams = FGDParams(),
+        student_input_format: Optional[str] = None,
+        teacher_input_format: Optional[str] = None,
     ):
         """
         Args:
@@ -192,6 +200,9 @@ class TIDDistiller(nn.Module):
             adapter_init: "kaiming" or "orthogonal" (see TID.ADAPTER_INIT).
             adapter_train: False keeps the adapters fixed at their start (TID.ADAPTER_TRAIN).
             fgd_params: FGD's temperature and term weights (mode "fgd", see TID.FGD.*).
+            student_input_format, teacher_input_format: "BGR" or "RGB"; default: the configs'
+                INPUT.FORMAT. Models built without a yacs config (LazyConfig, see
+                :mod:`tid_d2.lazy`) pass None configs and their formats here.
         """
         super().__init__()
         if mode not in TID_MODES:
@@ -209,6 +220,8 @@ class TIDDistiller(nn.Module):
         # Not registered: kept out of state_dict, parameters(), the optimizer and DDP.
         self.__dict__["teacher"] = teacher
         self.teacher_cfg = teacher_cfg
+        self.student_input_format = _input_format(student_input_format, student_cfg)
+        self.teacher_input_format = _input_format(teacher_input_format, teacher_cfg)
         self.student_probe: Optional[DetectorProbe] = None
         self.teacher_probe: Optional[DetectorProbe] = None
         self.in_features: List[str] = []
@@ -231,7 +244,7 @@ class TIDDistiller(nn.Module):
             # the imitation method; its modules (FGD's GcBlocks) are saved under "tid_loss."
             self.tid_loss = build_imitation(mode, self.feature_norm, t_channels, fgd_params)
             self._teacher_flip = self._check_formats(
-                student_cfg.INPUT.FORMAT, teacher_cfg.INPUT.FORMAT
+                self.student_input_format, self.teacher_input_format
             )
             self.tid_adapters.to(self.device)
             self.tid_loss.to(self.device)
@@ -543,7 +556,7 @@ class TIDDistiller(nn.Module):
             level = self.in_features[0]
             panel = significance_panel(
                 batched_inputs[0],
-                self.student_cfg.INPUT.FORMAT,
+                self.student_input_format,
                 level,
                 sig_t[level][0] if sig_t is not None else None,
                 sig_s[level][0] if sig_s is not None else None,
@@ -551,6 +564,13 @@ class TIDDistiller(nn.Module):
             )
             image = torch.from_numpy(panel).permute(2, 0, 1).float() / 255.0
             storage.put_image(f"tid/significance_{level}", image)
+
+
+def _input_format(given: Optional[str], cfg) -> str:
+    """``given``, else ``cfg.INPUT.FORMAT``, else detectron2's default "BGR" (no config)."""
+    if given:
+        return given
+    return cfg.INPUT.FORMAT if cfg is not None else "BGR"
 
 
 def _storage():

@@ -1,0 +1,230 @@
+#!/usr/bin/env python
+"""Each variant's loss weight chosen on val (issue 29): one seed per (variant, lambda) of a small
+grid, trained by the benchmark's own command for that setting and evaluated on
+``tid_shapes_val`` only (the test split is never looked at here).
+
+Writes ``benchmarks/results/<setting stem>_lambda.{json,md}`` (e.g. ``fcos_plateau_lambda``): the
+val AP of every grid point and, for each variant whose grid is complete, the lambda with the best
+val AP, which ``run_benchmark.py`` then uses for that variant in the same setting. The lambda is
+written under the mode's own key (``TID.LOSS_WEIGHT`` for the SFDM modes, ``TID.PKD.LOSS_WEIGHT``,
+``TID.FGD.LOSS_WEIGHT``, see ``tid_d2.modeling.distiller.loss_weight_key``).
+
+    python benchmarks/lambda_grid.py --family fcos --setting plateau --parallel 2 --reuse
+    python benchmarks/lambda_grid.py --family fcos --setting plateau --variants pkd --grid 3 10 30
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from run_benchmark import (  # noqa: E402
+    EXTRA_VARIANTS,
+    FAMILIES,
+    SETTINGS,
+    VAL,
+    VARIANTS,
+    lambda_file,
+    variant_opts,
+)
+
+from tid_d2.modeling.distiller import loss_weight_key  # noqa: E402
+from tid_d2.runs import (  # noqa: E402
+    REPO_ROOT,
+    cached_teacher,
+    code_version,
+    command_line,
+    final_ap,
+    format_table,
+    machine_info,
+    reuse_state,
+    threads_per_run,
+    train_net,
+)
+
+# default grids per loss-weight key: SFDM's lambda around the shipped 0.001; PKD's around
+# mmrazor's 10 (dense) / 6 (Faster R-CNN); FGD's multiplier of its published weights around 1
+GRIDS = {
+    "TID.LOSS_WEIGHT": [0.001, 0.003, 0.01, 0.03],
+    "TID.PKD.LOSS_WEIGHT": [1.0, 3.0, 10.0, 30.0],
+    "TID.FGD.LOSS_WEIGHT": [0.3, 1.0, 3.0, 10.0],
+}
+DEFAULT_VARIANTS = ["fitnet", "gt_mask", "pkd", "fgd", *EXTRA_VARIANTS, "tid"]
+
+
+def grid_of(variant, override):
+    mode = EXTRA_VARIANTS.get(variant, (variant, []))[0]
+    return list(override) if override else GRIDS[loss_weight_key(mode)]
+
+
+def grid_run(args, variant, weight, teacher):
+    """(label, output folder, config file, overrides) of one grid point: the benchmark's run of
+    that variant at seed 0 with the weight set, evaluated on val only, at the end only."""
+    setting = SETTINGS[args.setting]
+    out = os.path.join(args.output, f"{args.family}_{variant}_l{weight:g}")
+    opts = [
+        "SEED",
+        "0",
+        *variant_opts(variant, {variant: weight}),
+        "TID.TEACHER.WEIGHTS",
+        teacher,
+        "SOLVER.MAX_ITER",
+        str(args.iters),
+        "DATASETS.TEST",
+        f"('{VAL}',)",
+        "TEST.EVAL_PERIOD",
+        "0",
+        "DATALOADER.NUM_WORKERS",
+        str(args.workers),
+        "VIS_PERIOD",
+        "0",
+    ]
+    config = os.path.join(args.config_dir, setting["config"].format(fam=args.family))
+    return f"{variant} {weight:g}", out, config, opts
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--family", default="fcos", choices=FAMILIES)
+    p.add_argument("--setting", default="plateau", choices=sorted(SETTINGS))
+    p.add_argument("--variants", nargs="*", default=DEFAULT_VARIANTS, choices=VARIANTS)
+    p.add_argument("--grid", nargs="*", type=float, default=None, help="override every grid")
+    p.add_argument("--iters", type=int, default=None, help="default: the setting's schedule")
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--parallel", type=int, default=2)
+    p.add_argument("--reuse", action="store_true", help="reuse finished runs, resume stopped ones")
+    p.add_argument(
+        "--report-only", action="store_true", help="train nothing: report the finished points"
+    )
+    p.add_argument("--output", default=None, help="default: output/<setting folder>_grid")
+    p.add_argument("--bench-output", default=None, help="default: output/<setting folder>")
+    p.add_argument("--results", default=os.path.join(REPO_ROOT, "benchmarks", "results"))
+    p.add_argument("--config-dir", default=os.path.join(REPO_ROOT, "configs", "shapes"))
+    args = p.parse_args(argv)
+    setting = SETTINGS[args.setting]
+    args.iters = args.iters or setting["iters"]
+    bench_output = args.bench_output or os.path.join(REPO_ROOT, "output", setting["output"])
+    args.output = args.output or os.path.join(REPO_ROOT, "output", setting["output"] + "_grid")
+    if "none" in args.variants:
+        p.error("the student alone has no loss weight to choose")
+
+    from tid_d2.data import ensure_generated
+
+    for split in ("train", "val", "test"):
+        ensure_generated(f"tid_shapes_{split}")
+    teacher_dir = os.path.join(bench_output, f"{args.family}_teacher")
+    teacher_iters = setting["teacher_iters"] or args.iters
+    teacher = cached_teacher(teacher_dir, teacher_iters)
+    if teacher is None:
+        p.error(
+            f"no finished teacher in {teacher_dir}: train it first with `python "
+            f"benchmarks/run_benchmark.py --family {args.family} --setting {args.setting} "
+            "--modes none --seeds 0` (which also trains the student alone at seed 0)"
+        )
+    start = time.time()
+    points = [(v, w) for v in args.variants for w in grid_of(v, args.grid)]
+    runs = {pt: grid_run(args, *pt, teacher) for pt in points}
+
+    def state(pt):
+        _, out, config, opts = runs[pt]
+        return reuse_state(out, config, opts, VAL, iters=args.iters) if args.reuse else "new"
+
+    def train(pt):
+        label, out, config, opts = runs[pt]
+        st = state(pt)
+        if st != "finished":
+            train_net(
+                config,
+                out,
+                opts,
+                label=label,
+                quiet=args.parallel > 1,
+                resume=st == "resumable",
+                threads=threads_per_run(args.parallel),
+            )
+
+    if not args.report_only:
+        with ThreadPoolExecutor(max_workers=args.parallel) as pool:
+            list(pool.map(train, points))
+    val = {}
+    for pt in points:
+        if reuse_state(*runs[pt][1:], VAL, iters=args.iters) == "finished":
+            val[pt] = final_ap(runs[pt][1], VAL)["AP"]
+    alone = os.path.join(bench_output, f"{args.family}_none_s0")
+    try:
+        alone_ap = final_ap(alone, VAL)["AP"]
+    except RuntimeError:
+        alone_ap = None
+
+    rows, chosen, grid = [], {}, {}
+    for variant in args.variants:
+        weights = grid_of(variant, args.grid)
+        got = {w: val[(variant, w)] for w in weights if (variant, w) in val}
+        grid[variant] = {f"{w:g}": ap for w, ap in got.items()}
+        complete = len(got) == len(weights)
+        best = max(got, key=got.get) if got else None
+        if complete:
+            chosen[variant] = best
+        row = {
+            "variant": variant,
+            "key": loss_weight_key(EXTRA_VARIANTS.get(variant, (variant,))[0]),
+        }
+        for w in weights:
+            row[f"{w:g}"] = f"{got[w]:.2f}" if w in got else "..."
+        row["chosen"] = f"{best:g}" if complete else "(grid unfinished)"
+        rows.append(row)
+    columns = [
+        "variant",
+        "key",
+        *sorted({c for r in rows for c in r} - {"variant", "key", "chosen"}, key=float),
+        "chosen",
+    ]
+    text = (
+        f"### {args.family}, {args.setting} setting: val AP (seed 0) per loss weight\n\n"
+        + format_table(rows, columns)
+        + "\n\nEach weight under the variant's own key; '...' = not trained yet. "
+        + (
+            f"The student alone (seed 0): val AP {alone_ap:.2f}. "
+            if alone_ap is not None
+            else "The student alone: not finished. "
+        )
+        + "A variant's lambda is chosen once its whole grid is finished; run_benchmark.py uses it.\n"
+        + f"\nCommand: `{command_line('benchmarks/lambda_grid.py')}` "
+        f"({(time.time() - start) / 60:.0f} min).\n"
+    )
+    path = lambda_file(args.results, args.family, args.setting)
+    os.makedirs(args.results, exist_ok=True)
+    previous = {}
+    if os.path.isfile(path):  # keep choices of variants this invocation did not look at
+        with open(path) as f:
+            previous = json.load(f)
+    data = {
+        "family": args.family,
+        "setting": args.setting,
+        "iterations": args.iters,
+        "grid": {**previous.get("grid", {}), **grid},
+        "chosen": {
+            **{k: v for k, v in previous.get("chosen", {}).items() if k not in args.variants},
+            **chosen,
+        },
+        "student_alone_val_AP": alone_ap,
+        "machine": machine_info(),
+        "code": code_version(),
+        "command": command_line("benchmarks/lambda_grid.py"),
+    }
+    with open(path, "w") as f:
+        json.dump(data, f, indent=1)
+    with open(path[: -len(".json")] + ".md", "w") as f:
+        f.write(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
