@@ -295,11 +295,24 @@ def test_every_shipped_config_loads(path):
     cfg.merge_from_file(path)
     if os.path.basename(path).startswith("Base-"):
         return
-    assert cfg.MODEL.META_ARCHITECTURE in ("RetinaNet", "FCOS", "GeneralizedRCNN", "TIDDistiller")
+    assert cfg.MODEL.META_ARCHITECTURE in (
+        "RetinaNet",
+        "FCOS",
+        "ATSS",
+        "GFL",
+        "GeneralizedRCNN",
+        "TIDDistiller",
+    )
     if cfg.MODEL.META_ARCHITECTURE == "TIDDistiller":
+        from tid_d2.modeling.distiller import validate_tid_cfg
+
+        validate_tid_cfg(cfg)
         assert cfg.TID.TEACHER.CONFIG_FILE and cfg.TID.TEACHER.WEIGHTS
         teacher = os.path.join(REPO, cfg.TID.TEACHER.CONFIG_FILE)
         assert os.path.isfile(teacher), teacher
+        tcfg = get_cfg()
+        tcfg.merge_from_file(teacher)  # a plain detector config, not another distiller
+        assert tcfg.MODEL.META_ARCHITECTURE != "TIDDistiller", teacher
 
 
 @pytest.mark.parametrize(

@@ -29,9 +29,12 @@ def main(argv=None):
 
     from tid_d2.config import get_cfg
     from tid_d2.engine import evaluate_teacher
+    from tid_d2.lazy import is_lazy_config
     from tid_d2.modeling.teacher import build_teacher
 
     setup_logger(name="tid_d2")
+    if is_lazy_config(args.config_file):  # a Python (LazyConfig) TID config
+        return _main_lazy(args)
     cfg = get_cfg()
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
@@ -52,11 +55,36 @@ def main(argv=None):
         "(0 missing, 0 unexpected, 0 shape mismatches)"
     )
     results = evaluate_teacher(cfg, teacher, tcfg)
+    _print_results(results)
+    return 0
+
+
+def _print_results(results) -> None:
     for name, res in results.items():
         bbox = res["bbox"]
         print(
             f"teacher on {name}: AP {bbox['AP']:.2f}  AP50 {bbox['AP50']:.2f}  AP75 {bbox['AP75']:.2f}"
         )
+
+
+def _main_lazy(args) -> int:
+    """The same check for a LazyConfig TID config (``model.tid.teacher``; overrides a.b=c)."""
+    from tid_d2.lazy import load_lazy_config
+    from tid_d2.lazy_engine import build_lazy_tid_teacher, evaluate_lazy_teacher
+
+    cfg = load_lazy_config(args.config_file, args.opts)
+    try:
+        teacher, input_format, tid = build_lazy_tid_teacher(cfg)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"check_teacher: the teacher cannot be used: {e}", file=sys.stderr)
+        return 2
+    print(
+        f"teacher: {type(teacher).__name__} from {tid.TID.TEACHER.CONFIG_FILE}\n"
+        f"weights: {tid.TID.TEACHER.WEIGHTS}: {len(teacher.state_dict())} tensors loaded strictly "
+        "(0 missing, 0 unexpected, 0 shape mismatches)"
+    )
+    output = args.output or os.path.join(cfg.train.output_dir, "teacher_eval")
+    _print_results(evaluate_lazy_teacher(cfg, teacher, input_format, args.dataset, output))
     return 0
 
 

@@ -5,6 +5,9 @@ state) and the student's own detectron2 config, then verify them with ``DefaultP
     python tools/export_student.py --config-file configs/shapes/tid_retinanet.yaml \\
         --weights output/shapes/tid_retinanet/model_final.pth --output exported/retinanet_student
 
+A Python (LazyConfig) TID config exports the student's LazyConfig (``model`` = the student node,
+``train.init_checkpoint`` = the exported weights), loadable with ``LazyConfig.load``.
+
 Writes ``<output>/model_final.pth`` and ``<output>/config.yaml``. The config holds no TID keys;
 a ResNet RetinaNet / Faster R-CNN student loads with plain ``detectron2.config.get_cfg()``,
 students that use this project's FCOS or MobileNetV2 need ``import tid_d2`` and
@@ -53,11 +56,16 @@ def export(config_file: str, weights: str, output: str, image: str = None, opts=
     from detectron2.modeling import build_model
 
     from tid_d2.config import get_cfg
+    from tid_d2.lazy import is_lazy_config
     from tid_d2.modeling.distiller import is_distiller_key, student_cfg_from
     from tid_d2.modeling.teacher import load_weights_strict, read_checkpoint
 
     if not os.path.isfile(config_file):
         raise FileNotFoundError(f"config file '{config_file}' does not exist")
+    if is_lazy_config(config_file):  # a Python (LazyConfig) TID config: a LazyConfig student
+        from tid_d2.lazy_engine import export_lazy_student
+
+        return export_lazy_student(config_file, weights, output, image, opts)
     cfg = get_cfg()
     cfg.merge_from_file(config_file)
     cfg.merge_from_list(list(opts))
@@ -173,7 +181,8 @@ def main(argv=None):
     print(f"exported student weights: {res['weights']}")
     print(f"exported student config:  {res['config']}")
     print(
-        f"verified: DefaultPredictor on the exported files gives {res['num_detections']} detections, "
+        f"verified: {res.get('predictor', 'DefaultPredictor')} on the exported files gives "
+        f"{res['num_detections']} detections, "
         f"identical to the TID checkpoint's student (max |diff| {res['max_abs_diff']:.2e})"
     )
     return 0

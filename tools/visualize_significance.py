@@ -128,11 +128,27 @@ def main(argv=None):
 
     import tid_d2  # noqa: F401
     from detectron2.modeling import build_model
-    from tqdm import tqdm
 
     from tid_d2.config import get_cfg
     from tid_d2.engine import TIDCheckpointer
+    from tid_d2.lazy import is_lazy_config
 
+    if is_lazy_config(args.config_file):  # a Python (LazyConfig) TID config (overrides a.b=c)
+        from tid_d2.lazy_engine import lazy_significance_setup
+
+        try:
+            model, inputs, input_format, mode = lazy_significance_setup(
+                args.config_file,
+                args.opts,
+                args.weights,
+                args.dataset,
+                args.images,
+                args.num_images,
+            )
+        except ValueError as e:
+            print(f"visualize_significance: error: {e}", file=sys.stderr)
+            return 2
+        return write_pictures(model, inputs, input_format, mode, args)
     cfg = get_cfg()
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
@@ -151,6 +167,13 @@ def main(argv=None):
     if weights:
         TIDCheckpointer(model, allow_pickle=cfg.TID.ALLOW_PICKLE_WEIGHTS).load(weights)
     inputs = load_inputs(cfg, args.dataset, args.images, args.num_images)
+    return write_pictures(model, inputs, cfg.INPUT.FORMAT, cfg.TID.MODE, args)
+
+
+def write_pictures(model, inputs, input_format: str, mode: str, args) -> int:
+    """One PNG per input (:func:`figure`) under ``args.output``; prints the files."""
+    from tqdm import tqdm
+
     levels = args.levels or model.in_features
     os.makedirs(args.output, exist_ok=True)
     written = []
@@ -162,9 +185,9 @@ def main(argv=None):
             inp,
             maps,
             levels,
-            cfg.INPUT.FORMAT,
+            input_format,
             out,
-            f"{os.path.basename(args.config_file)} [{cfg.TID.MODE}] {name}",
+            f"{os.path.basename(args.config_file)} [{mode}] {name}",
         )
         written.append(out)
     print("\n".join(written))

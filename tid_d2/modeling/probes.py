@@ -62,8 +62,17 @@ def _two_thresholds(thresholds, single_neg: float) -> Tuple[float, float]:
     return (thresholds[0], thresholds[-1])
 
 
+def _matcher_thresholds(matcher) -> List[float]:
+    """The IoU thresholds of a detectron2 ``Matcher``, which stores ``[-inf, t1, ..., inf]``:
+    ``[t1, ...]``, what the yacs ``*.IOU_THRESHOLDS`` key held (models built without one)."""
+    return [float(t) for t in matcher.thresholds[1:-1]]
+
+
 class DetectorProbe:
-    """Base class. ``captured`` holds the tensors the hooks saw during the last forward."""
+    """Base class. ``captured`` holds the tensors the hooks saw during the last forward.
+
+    ``model_cfg`` is the model's yacs config, or None for a model built without one (LazyConfig):
+    its matchers' IoU thresholds are then read from the modules."""
 
     def __init__(self, model: torch.nn.Module, model_cfg, tid_cfg):
         self.model = model
@@ -224,6 +233,8 @@ class RetinaNetProbe(DetectorProbe):
         return self.model.num_classes
 
     def default_iou_thresholds(self):
+        if self.model_cfg is None:
+            return _two_thresholds(_matcher_thresholds(self.model.anchor_matcher), 0.0)
         return _two_thresholds(self.model_cfg.MODEL.RETINANET.IOU_THRESHOLDS, 0.0)
 
     @torch.no_grad()
@@ -404,9 +415,12 @@ class GeneralizedRCNNProbe(DetectorProbe):
         cfg = self.model_cfg
         rpn = self.model.proposal_generator
         logits, deltas = self.captured["rpn"]
-        rpn_params = sig_params_for(
-            self.tid_cfg, _two_thresholds(cfg.MODEL.RPN.IOU_THRESHOLDS, 0.0)
+        rpn_thresholds = (
+            cfg.MODEL.RPN.IOU_THRESHOLDS
+            if cfg is not None
+            else _matcher_thresholds(rpn.anchor_matcher)
         )
+        rpn_params = sig_params_for(self.tid_cfg, _two_thresholds(rpn_thresholds, 0.0))
         probs = [permute_to_N_HWA_K(x.float(), 1).sigmoid() for x in logits]
         out = _dense_significance(
             list(rpn.in_features),
@@ -447,11 +461,14 @@ class GeneralizedRCNNProbe(DetectorProbe):
         counts = [len(b) for b in box_lists]
         gt_boxes, gt_classes = _gt_lists(gt_instances)
         iou, cls = match_to_gt(list(boxes.split(counts)), gt_boxes, gt_classes)
+        roi_thresholds = (
+            cfg.MODEL.ROI_HEADS.IOU_THRESHOLDS
+            if cfg is not None
+            else _matcher_thresholds(roi.proposal_matcher)
+        )
         params = sig_params_for(
             self.tid_cfg,
-            _two_thresholds(
-                cfg.MODEL.ROI_HEADS.IOU_THRESHOLDS, self.tid_cfg.TID.SIG.SINGLE_THRESHOLD_NEG
-            ),
+            _two_thresholds(roi_thresholds, self.tid_cfg.TID.SIG.SINGLE_THRESHOLD_NEG),
         )
         sig = significance(torch.cat(iou), probs, torch.cat(cls), params, "softmax")
         pooler = roi.box_pooler

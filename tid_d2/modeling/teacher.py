@@ -9,7 +9,13 @@ import numpy as np
 import torch
 from detectron2.modeling import build_model
 
-__all__ = ["build_teacher", "load_weights_strict", "read_checkpoint", "teacher_cfg_from"]
+__all__ = [
+    "build_teacher",
+    "freeze_teacher",
+    "load_weights_strict",
+    "read_checkpoint",
+    "teacher_cfg_from",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -135,6 +141,17 @@ def load_weights_strict(
     model.load_state_dict(state, strict=False)  # every other key was checked above
 
 
+def freeze_teacher(
+    teacher: torch.nn.Module, weights: str, allow_pickle: bool = False
+) -> torch.nn.Module:
+    """Load ``weights`` strictly into ``teacher`` (:func:`load_weights_strict`), then put it in
+    eval mode without gradients: what every teacher goes through, yacs- or LazyConfig-built."""
+    load_weights_strict(teacher, weights, allow_pickle)
+    teacher.eval()
+    teacher.requires_grad_(False)
+    return teacher
+
+
 def build_teacher(cfg) -> Tuple[torch.nn.Module, object]:
     """Build, strictly load and freeze the teacher described by ``cfg.TID.TEACHER``.
 
@@ -153,10 +170,9 @@ def build_teacher(cfg) -> Tuple[torch.nn.Module, object]:
             f"TID.TEACHER.WEIGHTS '{cfg.TID.TEACHER.WEIGHTS}' does not exist. Train the teacher "
             f"with `python train_net.py --config-file {cfg.TID.TEACHER.CONFIG_FILE}` or fix the path."
         )
-    teacher = build_model(tcfg)
-    load_weights_strict(teacher, cfg.TID.TEACHER.WEIGHTS, cfg.TID.ALLOW_PICKLE_WEIGHTS)
-    teacher.eval()
-    teacher.requires_grad_(False)
+    teacher = freeze_teacher(
+        build_model(tcfg), cfg.TID.TEACHER.WEIGHTS, cfg.TID.ALLOW_PICKLE_WEIGHTS
+    )
     logger.info(
         "Teacher loaded strictly from %s (%s)",
         cfg.TID.TEACHER.WEIGHTS,
