@@ -180,6 +180,7 @@ def main(argv=None):
         curves = {r[0]: c for r, c in zip(todo, got)}
     teacher_dir = os.path.join(args.bench_output, f"{args.family}_teacher")
     teacher = ap_curve(teacher_dir, VAL)
+    teacher_done = bool(teacher) and teacher[-1][0] >= SETTINGS["plateau"]["teacher_iters"]
 
     (s_label, *_), (l_label, *_) = todo
     final = {label: (c[-1] if c else None) for label, c in curves.items()}
@@ -205,7 +206,7 @@ def main(argv=None):
                 f"{it}: {ap:.1f}" for it, ap in teacher
             )
             or "-",
-            "final": f"{teacher[-1][1]:.2f}" if teacher else "unfinished",
+            "final": f"{teacher[-1][1]:.2f}" if teacher_done else "unfinished",
         }
     )
     checks = []
@@ -222,7 +223,7 @@ def main(argv=None):
         )
     else:
         checks.append("- plateau: pending (a run is unfinished).")
-    if teacher and done[l_label]:
+    if teacher_done and done[l_label]:
         lead = teacher[-1][1] - final[l_label][1]
         ok = "holds" if lead >= MIN_TEACHER_LEAD else "does NOT hold"
         checks.append(
