@@ -43,7 +43,7 @@ from tid_d2.runs import (  # noqa: E402
     machine_info,
     reuse_state,
     threads_per_run,
-    train_net,
+    train_or_reuse,
 )
 
 # default grids per loss-weight key: SFDM's lambda from the shipped 0.001 up; PKD's and FGD's at and
@@ -134,23 +134,11 @@ def main(argv=None):
     points = [(v, w) for v in args.variants for w in grid_of(v, args.grid)]
     runs = {pt: grid_run(args, *pt, teacher) for pt in points}
 
-    def state(pt):
-        _, out, config, opts = runs[pt]
-        return reuse_state(out, config, opts, VAL, iters=args.iters) if args.reuse else "new"
-
     def train(pt):
         label, out, config, opts = runs[pt]
-        st = state(pt)
-        if st != "finished":
-            train_net(
-                config,
-                out,
-                opts,
-                label=label,
-                quiet=args.parallel > 1,
-                resume=st == "resumable",
-                threads=threads_per_run(args.parallel),
-            )
+        threads = threads_per_run(args.parallel)
+        quiet = args.parallel > 1
+        train_or_reuse(config, out, opts, VAL, args.iters, args.reuse, label, quiet, threads)
 
     if not args.report_only:
         with ThreadPoolExecutor(max_workers=args.parallel) as pool:

@@ -36,9 +36,8 @@ from tid_d2.runs import (  # noqa: E402
     format_table,
     machine_info,
     mean_std,
-    reuse_state,
     threads_per_run,
-    train_net,
+    train_or_reuse,
 )
 
 MIN_TEACHER_LEAD = 5.0  # AP: the teacher above the student's plateau, else nothing to distil
@@ -84,17 +83,9 @@ def runs(args):
 
 def _train(args, run, threads):
     label, out, config, opts, iters = run
-    state = reuse_state(out, config, opts, VAL, iters=iters) if args.reuse else "new"
-    if state != "finished":
-        train_net(
-            config,
-            out,
-            opts,
-            label=label,
-            quiet=args.parallel > 1,
-            resume=state == "resumable",
-            threads=threads,
-        )
+    train_or_reuse(
+        config, out, opts, VAL, iters, args.reuse, label, quiet=args.parallel > 1, threads=threads
+    )
     return ap_curve(out, VAL)
 
 

@@ -58,6 +58,7 @@ from tid_d2.runs import (  # noqa: E402
     reuse_state,
     threads_per_run,
     train_net,
+    train_or_reuse,
 )  # noqa: E402
 
 VAL, TEST = "tid_shapes_val", "tid_shapes_test"
@@ -149,18 +150,17 @@ def _variant_run(args, fam, mode, seed, teacher_weights, out_root, extra):
 
 def _run_variant(args, fam, mode, seed, teacher_weights, out_root, extra, threads=None):
     out, config, opts = _variant_run(args, fam, mode, seed, teacher_weights, out_root, extra)
-    state = reuse_state(out, config, opts, TEST, iters=args.iters) if args.reuse else "new"
-    secs = None
-    if state != "finished":
-        secs = train_net(
-            config,
-            out,
-            opts,
-            label=f"{mode} s{seed}",
-            quiet=args.parallel > 1,
-            resume=state == "resumable",
-            threads=threads,
-        )
+    state, secs = train_or_reuse(
+        config,
+        out,
+        opts,
+        TEST,
+        args.iters,
+        args.reuse,
+        label=f"{mode} s{seed}",
+        quiet=args.parallel > 1,
+        threads=threads,
+    )
     record = {"family": fam, "mode": mode, "seed": seed, "iterations": args.iters, "wall_s": secs}
     record["variant_opts"] = variant_opts(mode, getattr(args, "loss_weights", None))
     record["resumed"] = state == "resumable"

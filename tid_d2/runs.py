@@ -20,6 +20,7 @@ __all__ = [
     "BENCHMARK_MODES",
     "BENCHMARK_FAMILIES",
     "train_net",
+    "train_or_reuse",
     "reuse_state",
     "read_metrics",
     "final_ap",
@@ -107,6 +108,39 @@ def train_net(
             + "".join(tail[-25:])
         )
     return time.time() - start
+
+
+def train_or_reuse(
+    config_file: str,
+    output_dir: str,
+    opts: Sequence[str],
+    dataset: str,
+    iters: int,
+    reuse: bool,
+    label: str = "",
+    quiet: bool = False,
+    threads: Optional[int] = None,
+) -> tuple:
+    """One benchmark run: with ``reuse``, a finished run in ``output_dir`` (the same settings,
+    see :func:`reuse_state`, evaluated on ``dataset`` at ``iters``) is taken as it is and a stopped
+    one resumed; otherwise it is trained by :func:`train_net`.
+
+    Returns:
+        (state before: "finished" | "resumable" | "new", wall seconds or None when reused).
+    """
+    state = reuse_state(output_dir, config_file, opts, dataset, iters=iters) if reuse else "new"
+    if state == "finished":
+        return state, None
+    secs = train_net(
+        config_file,
+        output_dir,
+        opts,
+        label=label,
+        quiet=quiet,
+        resume=state == "resumable",
+        threads=threads,
+    )
+    return state, secs
 
 
 _TEACHER_DATA = "tid_shapes_spec.txt"
