@@ -43,6 +43,19 @@ from tid_d2.runs import (  # noqa: E402
 MIN_TEACHER_LEAD = 5.0  # AP: the teacher above the student's plateau, else nothing to distil
 
 
+def candidate_run(args):
+    """(label, folder, config, overrides, iterations) of a candidate student (``--candidate NAME
+    KEY VALUE ...``): the student alone at S with the overrides, evaluated on val every
+    ``--eval-period``: how far another split's student gets, to check the teacher's lead."""
+    setting = SETTINGS["plateau"]
+    out = os.path.join(args.output, f"{args.family}_{args.candidate}_none_s0_{args.iters}")
+    opts = ["SEED", "0", "TID.MODE", "none", *args.opts, "SOLVER.MAX_ITER", str(args.iters)]
+    opts += ["DATASETS.TEST", f"('{VAL}',)", "TEST.EVAL_PERIOD", str(args.eval_period)]
+    opts += ["DATALOADER.NUM_WORKERS", str(args.workers), "VIS_PERIOD", "0"]
+    config = os.path.join(args.config_dir, setting["config"].format(fam=args.family))
+    return (f"candidate {args.candidate}, S = {args.iters}", out, config, opts, args.iters)
+
+
 def runs(args):
     """[(label, output folder, config file, overrides, iterations)] of the S and 2 S runs."""
     setting = SETTINGS["plateau"]
@@ -154,7 +167,17 @@ def main(argv=None):
     )
     p.add_argument("--results", default=os.path.join(REPO_ROOT, "benchmarks", "results"))
     p.add_argument("--config-dir", default=os.path.join(REPO_ROOT, "configs", "shapes"))
+    p.add_argument(
+        "--candidate",
+        default=None,
+        metavar="NAME",
+        help="train (or read) only a candidate student of another split, named NAME, given by the "
+        "KEY VALUE overrides that follow; the report adds its row and its teacher-lead check",
+    )
+    p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides of --candidate")
     args = p.parse_args(argv)
+    if args.opts and not args.candidate:
+        p.error("KEY VALUE overrides need --candidate NAME")
 
     from tid_d2.data import ensure_generated
 
@@ -162,18 +185,18 @@ def main(argv=None):
         ensure_generated(f"tid_shapes_{split}")
     start = time.time()
     todo = runs(args)
-    if args.report_only:
-        curves = {label: ap_curve(out, VAL) for label, out, *_ in todo}
-    else:
-        threads = threads_per_run(args.parallel)
-        with ThreadPoolExecutor(max_workers=args.parallel) as pool:
-            got = list(pool.map(lambda r: _train(args, r, threads), todo))
-        curves = {r[0]: c for r, c in zip(todo, got)}
+    train = [] if args.report_only else ([candidate_run(args)] if args.candidate else todo)
+    if args.candidate:
+        todo = todo + [candidate_run(args)]
+    threads = threads_per_run(min(args.parallel, max(1, len(train))))
+    with ThreadPoolExecutor(max_workers=args.parallel) as pool:
+        list(pool.map(lambda r: _train(args, r, threads), train))
+    curves = {label: ap_curve(out, VAL) for label, out, *_ in todo}
     teacher_dir = os.path.join(args.bench_output, f"{args.family}_teacher")
     teacher = ap_curve(teacher_dir, VAL)
     teacher_done = bool(teacher) and teacher[-1][0] >= SETTINGS["plateau"]["teacher_iters"]
 
-    (s_label, *_), (l_label, *_) = todo
+    (s_label, *_), (l_label, *_) = todo[:2]
     final = {label: (c[-1] if c else None) for label, c in curves.items()}
     # a run is finished when its last evaluation is at its own schedule's end
     done = {label: bool(curves[label]) and curves[label][-1][0] >= n for label, *_, n in todo}
@@ -223,8 +246,20 @@ def main(argv=None):
         )
     else:
         checks.append("- something to distil: pending (teacher or the 2 S run unfinished).")
+    if args.candidate:
+        c_label = todo[2][0]
+        if teacher_done and done[c_label]:
+            lead = teacher[-1][1] - final[c_label][1]
+            ok = "holds" if lead >= MIN_TEACHER_LEAD else "does NOT hold"
+            checks.append(
+                f"- {c_label} (`{' '.join(args.opts)}`): teacher val AP {teacher[-1][1]:.2f} minus "
+                f"its {final[c_label][1]:.2f} = {lead:+.2f} (needs >= {MIN_TEACHER_LEAD:.0f}): {ok} "
+                "(its own plateau is not checked: one run at S)."
+            )
+        else:
+            checks.append(f"- {c_label}: pending (teacher or candidate unfinished).")
 
-    stem = f"{args.family}_plateau_curve"
+    stem = f"{args.family}_plateau_curve" + (f"_{args.candidate}" if args.candidate else "")
     os.makedirs(args.results, exist_ok=True)
     text = (
         f"### {args.family}, plateau setting: the student alone's schedule on {VAL} (seed 0)\n\n"
