@@ -10,14 +10,19 @@ With a TID config, MODEL.WEIGHTS / --resume / --eval-only refer to the student; 
 from TID.TEACHER.*.
 """
 
-from detectron2.engine import default_argument_parser, default_setup, launch
+from detectron2.engine import default_setup
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 
 import tid_d2  # noqa: F401 (registers datasets, backbones, meta-architectures)
 from tid_d2.config import get_cfg
-from tid_d2.data import add_dataset_args, register_coco_datasets
-from tid_d2.engine import Trainer, build_student_for_eval
+from tid_d2.data import register_coco_datasets
+from tid_d2.engine import (
+    Trainer,
+    argument_parser,
+    build_student_for_eval,
+    launch_from_command_line,
+)
 
 
 def setup(args):
@@ -44,19 +49,8 @@ def main(args):
 
 
 def get_parser():
-    parser = default_argument_parser()
-    add_dataset_args(parser)
-    return parser
+    return argument_parser()
 
 
 if __name__ == "__main__":
-    args = get_parser().parse_args()
-    print("Command Line Args:", args)
-    launch(
-        main,
-        args.num_gpus,
-        num_machines=args.num_machines,
-        machine_rank=args.machine_rank,
-        dist_url=args.dist_url,
-        args=(args,),
-    )
+    launch_from_command_line(main, get_parser())

@@ -1,6 +1,7 @@
 """Shared test helpers: tiny detectron2 configs built without weights, random inputs."""
 
 import atexit
+import importlib.util
 import os
 import shutil
 import tempfile
@@ -156,3 +157,18 @@ def tid_cfg(
     cfg.TID.TEACHER.CONFIG_FILE = tpath
     cfg.TID.TEACHER.WEIGHTS = wpath
     return cfg
+
+
+def load_script(name: str, path: str):
+    """The script at ``path`` (``train_net.py``, a ``tools/`` script) imported as module ``name``."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def run_script(script, argv: List[str]):
+    """``script.main`` on the command line ``argv`` parsed by ``script.get_parser()``, in this
+    process (``train_net.py``, ``tools/lazy_train_net.py``); returns what ``main`` returns."""
+    args = script.get_parser().parse_args(argv)
+    return script.main(args)

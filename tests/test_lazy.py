@@ -4,7 +4,6 @@ step equal to the yaml run, ``tools/lazy_train_net.py`` end to end, the tools on
 and the COCO / ViTDet configs built."""
 
 import glob
-import importlib.util
 import inspect
 import json
 import os
@@ -38,18 +37,18 @@ from tid_d2.modeling import distiller as distiller_module
 from tid_d2.modeling.distiller import TIDDistiller
 from tid_d2.modeling.probes import build_probe
 
-from .helpers import random_inputs, shared_teacher_weights, tiny_cfg, write_cfg
+from .helpers import (
+    load_script,
+    random_inputs,
+    run_script,
+    shared_teacher_weights,
+    tiny_cfg,
+    write_cfg,
+)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAZY = os.path.join(REPO, "configs", "lazy")
 PREFIX = "mini_lazy"
-
-
-def _load(name, path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _flat(d, prefix=""):
@@ -391,7 +390,7 @@ def test_shapes_python_configs_have_the_yaml_data_and_schedule(yaml_file, py_fil
 
 
 # ----------------------------------------------------------------------------- (d) training
-lazy_train_net = _load("lazy_train_net", os.path.join(REPO, "tools", "lazy_train_net.py"))
+lazy_train_net = load_script("lazy_train_net", os.path.join(REPO, "tools", "lazy_train_net.py"))
 
 TINY = [
     "dataloader.train.total_batch_size=2",
@@ -410,8 +409,7 @@ TINY = [
 
 
 def run_lazy_train_net(argv):
-    args = lazy_train_net.get_parser().parse_args(argv)
-    return lazy_train_net.main(args)
+    return run_script(lazy_train_net, argv)
 
 
 @pytest.fixture(scope="module")
@@ -497,7 +495,7 @@ def test_lazy_train_net_eval_only_and_resume(lazy_runs, monkeypatch):
 # ----------------------------------------------------------------------------- (e) tools
 def test_export_student_from_a_lazy_tid_checkpoint(lazy_runs, capsys, monkeypatch):
     monkeypatch.chdir(REPO)
-    export = _load("export_student", os.path.join(REPO, "tools", "export_student.py"))
+    export = load_script("export_student", os.path.join(REPO, "tools", "export_student.py"))
     out = str(lazy_runs["root"] / "exported")
     rc = export.main(
         [
@@ -533,7 +531,7 @@ def test_export_student_from_a_lazy_tid_checkpoint(lazy_runs, capsys, monkeypatc
 
 def test_check_teacher_and_visualize_significance_on_a_lazy_config(lazy_runs, capsys, monkeypatch):
     monkeypatch.chdir(REPO)
-    tool = _load("check_teacher", os.path.join(REPO, "tools", "check_teacher.py"))
+    tool = load_script("check_teacher", os.path.join(REPO, "tools", "check_teacher.py"))
     rc = tool.main(
         ["--config-file", f"{LAZY}/shapes/tid_fcos.py", "--output", str(lazy_runs["root"] / "ck")]
         + lazy_runs["tid_opts"]
@@ -547,7 +545,9 @@ def test_check_teacher_and_visualize_significance_on_a_lazy_config(lazy_runs, ca
     )
     assert rc == 2 and "does not exist" in capsys.readouterr().err
 
-    vis = _load("visualize_significance", os.path.join(REPO, "tools", "visualize_significance.py"))
+    vis = load_script(
+        "visualize_significance", os.path.join(REPO, "tools", "visualize_significance.py")
+    )
     folder = str(lazy_runs["root"] / "vis")
     rc = vis.main(
         ["--config-file", f"{LAZY}/shapes/tid_fcos.py"]

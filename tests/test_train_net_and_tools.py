@@ -2,7 +2,6 @@
 COCOEvaluator. One teacher and one TID student are trained for a few iterations per session."""
 
 import glob
-import importlib.util
 import json
 import os
 import sys
@@ -13,6 +12,8 @@ from PIL import Image
 
 import tid_d2  # noqa: F401
 from tid_d2.data import ShapesSpec, register_tid_shapes
+
+from .helpers import load_script, run_script
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PREFIX = "mini_shapes"
@@ -49,19 +50,11 @@ TINY = [
 ]
 
 
-def _load(name, path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-train_net = _load("train_net", os.path.join(REPO, "train_net.py"))
+train_net = load_script("train_net", os.path.join(REPO, "train_net.py"))
 
 
 def run_train_net(argv):
-    args = train_net.get_parser().parse_args(argv)
-    return train_net.main(args)
+    return run_script(train_net, argv)
 
 
 @pytest.fixture(scope="module")
@@ -157,7 +150,7 @@ def test_dataset_flag_errors_before_training(tmp_path):
 
 
 def test_export_student_round_trip(runs, capsys):
-    export = _load("export_student", os.path.join(REPO, "tools", "export_student.py"))
+    export = load_script("export_student", os.path.join(REPO, "tools", "export_student.py"))
     out = str(runs["root"] / "exported")
     cfg_opts = runs["tid_opts"]
     assert (
@@ -189,7 +182,7 @@ def test_export_student_round_trip(runs, capsys):
 
 
 def test_export_student_bad_inputs(runs, capsys):
-    export = _load("export_student", os.path.join(REPO, "tools", "export_student.py"))
+    export = load_script("export_student", os.path.join(REPO, "tools", "export_student.py"))
     out = str(runs["root"] / "bad_export")
     # a plain detector config is not a TID config
     assert (
@@ -225,7 +218,7 @@ def test_export_student_bad_inputs(runs, capsys):
 
 
 def test_check_teacher(runs, capsys):
-    tool = _load("check_teacher", os.path.join(REPO, "tools", "check_teacher.py"))
+    tool = load_script("check_teacher", os.path.join(REPO, "tools", "check_teacher.py"))
     rc = tool.main(
         [
             "--config-file",
@@ -246,7 +239,9 @@ def test_check_teacher(runs, capsys):
 
 
 def test_visualize_significance_writes_pngs(runs):
-    tool = _load("visualize_significance", os.path.join(REPO, "tools", "visualize_significance.py"))
+    tool = load_script(
+        "visualize_significance", os.path.join(REPO, "tools", "visualize_significance.py")
+    )
     out = str(runs["root"] / "vis")
     rc = tool.main(
         [
@@ -275,7 +270,7 @@ def test_visualize_significance_writes_pngs(runs):
 
 
 def test_plot_training_overlays_runs(runs):
-    tool = _load("plot_training", os.path.join(REPO, "tools", "plot_training.py"))
+    tool = load_script("plot_training", os.path.join(REPO, "tools", "plot_training.py"))
     out = str(runs["root"] / "curves.png")
     assert (
         tool.main([runs["tid"], runs["teacher"], "--labels", "tid", "teacher", "--output", out])
@@ -473,7 +468,7 @@ def test_train_net_resumes_or_sets_an_old_runs_metrics_aside(tmp_path, monkeypat
 def test_plot_training_series_of_a_resumed_run_keep_one_point_per_iteration():
     """A resumed run logs the iterations after its checkpoint again: one point per iteration
     (the later record), in iteration order, so the curve does not double back."""
-    tool = _load("plot_training", os.path.join(REPO, "tools", "plot_training.py"))
+    tool = load_script("plot_training", os.path.join(REPO, "tools", "plot_training.py"))
     records = [
         {"iteration": 19, "loss_cls": 1.0},
         {"iteration": 39, "loss_cls": 0.9},

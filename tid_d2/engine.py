@@ -9,31 +9,45 @@ import random
 import weakref
 from collections import OrderedDict
 from contextlib import contextmanager
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import numpy as np
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import build_detection_train_loader, get_detection_dataset_dicts
 from detectron2.data.samplers import TrainingSampler
-from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, hooks
+from detectron2.engine import (
+    AMPTrainer,
+    DefaultTrainer,
+    SimpleTrainer,
+    default_argument_parser,
+    hooks,
+    launch,
+)
 from detectron2.evaluation import COCOEvaluator
 from detectron2.modeling import build_model
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 from torch.nn.parallel import DistributedDataParallel
 
-from .data import ensure_generated
+from .data import add_dataset_args, ensure_generated
 from .modeling.distiller import TIDDistiller, student_cfg_from
 from .modeling.teacher import read_checkpoint
 
 __all__ = [
     "Trainer",
+    "TIDTrainerMixin",
     "TIDCheckpointer",
     "create_ddp_model",
     "evaluate_teacher",
     "build_student_for_eval",
     "unwrap",
+    "verification_image",
+    "max_prediction_diff",
+    "verified_export",
+    "image_dicts",
+    "argument_parser",
+    "launch_from_command_line",
 ]
 
 logger = logging.getLogger("tid_d2")
@@ -153,7 +167,46 @@ class ResumableTrainingSampler(TrainingSampler):
         yield from itertools.islice(self._infinite_indices(), start, None, self._world_size)
 
 
-class Trainer(DefaultTrainer):
+class TIDTrainerMixin:
+    """What tid-d2 adds to detectron2's trainers, for :class:`Trainer` (yacs) and the LazyConfig
+    trainers of :mod:`tid_d2.lazy_engine`: TorchScript's graph-executor optimisation off (a
+    resumed run repeats an uninterrupted one bit for bit) and the modules' Python training state
+    (the running loss normaliser of RetinaNet / FCOS) saved with the checkpoint."""
+
+    # Training state that detectron2 keeps in plain Python attributes, not in state_dict()
+    # (RetinaNet / FCOS's running loss normaliser): saved with the trainer for an exact resume.
+    _PYTHON_STATE = ("loss_normalizer",)
+
+    def state_dict(self):
+        ret = super().state_dict()
+        ret["module_python_state"] = {
+            f"{name}:{attr}": float(getattr(m, attr))
+            for name, m in unwrap(self.model).named_modules()
+            for attr in self._PYTHON_STATE
+            if isinstance(getattr(m, attr, None), (int, float))
+        }
+        return ret
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        model = unwrap(self.model)
+        for key, value in state_dict.get("module_python_state", {}).items():
+            name, attr = key.rsplit(":", 1)
+            setattr(model.get_submodule(name), attr, value)
+
+    def run_step(self):
+        """One training step, with TorchScript's graph-executor optimisation off.
+
+        fvcore's focal loss (RetinaNet, FCOS) is a scripted function. Its profiling executor runs
+        the first call in a process as plain autograd and later calls through symbolic autodiff,
+        which rounds the gradients differently: a run resumed in a new process (or the first run in
+        a process) would not repeat the uninterrupted run bit for bit. Unoptimised, every call is
+        computed like eager PyTorch (the flag is per thread; the forward runs on this one)."""
+        with torch.jit.optimized_execution(False):
+            super().run_step()
+
+
+class Trainer(TIDTrainerMixin, DefaultTrainer):
     """DefaultTrainer with COCOEvaluator, CPU-capable DDP, the crash-safe checkpointer and an
     optional evaluation of the teacher before distilling (``TID.TEACHER.EVAL_BEFORE_TRAIN``)."""
 
@@ -195,38 +248,6 @@ class Trainer(DefaultTrainer):
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
         self.register_hooks(self.build_hooks())
-
-    # Training state that detectron2 keeps in plain Python attributes, not in state_dict()
-    # (RetinaNet / FCOS's running loss normaliser): saved with the trainer for an exact resume.
-    _PYTHON_STATE = ("loss_normalizer",)
-
-    def state_dict(self):
-        ret = super().state_dict()
-        ret["module_python_state"] = {
-            f"{name}:{attr}": float(getattr(m, attr))
-            for name, m in unwrap(self.model).named_modules()
-            for attr in self._PYTHON_STATE
-            if isinstance(getattr(m, attr, None), (int, float))
-        }
-        return ret
-
-    def load_state_dict(self, state_dict):
-        super().load_state_dict(state_dict)
-        model = unwrap(self.model)
-        for key, value in state_dict.get("module_python_state", {}).items():
-            name, attr = key.rsplit(":", 1)
-            setattr(model.get_submodule(name), attr, value)
-
-    def run_step(self):
-        """One training step, with TorchScript's graph-executor optimisation off.
-
-        fvcore's focal loss (RetinaNet, FCOS) is a scripted function. Its profiling executor runs
-        the first call in a process as plain autograd and later calls through symbolic autodiff,
-        which rounds the gradients differently: a run resumed in a new process (or the first run in
-        a process) would not repeat the uninterrupted run bit for bit. Unoptimised, every call is
-        computed like eager PyTorch (the flag is per thread; the forward runs on this one)."""
-        with torch.jit.optimized_execution(False):
-            super().run_step()
 
     def resume_or_load(self, resume=True):
         super().resume_or_load(resume=resume)
@@ -344,3 +365,96 @@ def build_student_for_eval(
         model, output_dir or cfg.OUTPUT_DIR, allow_pickle=cfg.TID.ALLOW_PICKLE_WEIGHTS
     ).resume_or_load(weights if weights is not None else cfg.MODEL.WEIGHTS, resume=resume)
     return model, scfg
+
+
+# ------------------------------------------------------------------------------- tools
+def verification_image(image: Optional[str], dataset: Optional[str] = None) -> np.ndarray:
+    """A BGR uint8 image: the file ``image``, or (``image`` None) the first image of the
+    registered ``dataset``, generated first if it is a ``tid_shapes`` split (the image an
+    exported student is checked on, by ``tools/export_student.py`` for both config kinds)."""
+    import cv2
+    from detectron2.data import DatasetCatalog
+
+    if image is None:
+        ensure_generated(dataset)
+        image = DatasetCatalog.get(dataset)[0]["file_name"]
+    img = cv2.imread(image, cv2.IMREAD_COLOR)
+    if img is None:
+        raise FileNotFoundError(f"cannot read image '{image}'")
+    return img
+
+
+def max_prediction_diff(a, b) -> float:
+    """The largest absolute difference between the boxes and scores of two ``Instances``
+    predictions of one image; inf when they hold different numbers of detections."""
+    if len(a) != len(b):
+        return float("inf")
+    if len(a) == 0:
+        return 0.0
+    return max(
+        (a.pred_boxes.tensor - b.pred_boxes.tensor).abs().max().item(),
+        (a.scores - b.scores).abs().max().item(),
+    )
+
+
+def verified_export(weights: str, config: str, pred, ref) -> Dict:
+    """The result of ``tools/export_student.py`` (both config kinds): {"weights", "config",
+    "max_abs_diff", "num_detections"} of the exported files, whose prediction ``pred`` must match
+    the checkpoint's ``ref`` (:func:`max_prediction_diff` at most 1e-4, else RuntimeError)."""
+    diff = max_prediction_diff(pred, ref)
+    if diff > 1e-4:
+        raise RuntimeError(
+            f"exported student predicts differently from the checkpoint (max |diff| {diff})"
+        )
+    return {
+        "weights": weights,
+        "config": config,
+        "max_abs_diff": diff,
+        "num_detections": len(pred),
+    }
+
+
+def image_dicts(dataset: str, images: Optional[List[str]], num_images: int) -> List[Dict]:
+    """detectron2 dataset dicts: one per image file of ``images`` (no annotations: every location
+    then scores as background), else the first ``num_images`` of the registered ``dataset``
+    (generated first if it is a ``tid_shapes`` split). Used by ``tools/visualize_significance.py``
+    for both config kinds; the dicts still go through the config's test mapper."""
+    import cv2
+    from detectron2.data import DatasetCatalog
+
+    if images:
+        dicts = []
+        for path in images:
+            img = cv2.imread(path)
+            if img is None:
+                raise FileNotFoundError(f"cannot read image '{path}'")
+            h, w = img.shape[:2]
+            dicts.append({"file_name": path, "height": h, "width": w, "annotations": []})
+        return dicts
+    ensure_generated(dataset)
+    return DatasetCatalog.get(dataset)[:num_images]
+
+
+# ------------------------------------------------------------------------------- command line
+def argument_parser():
+    """The command line of ``train_net.py`` (yacs) and ``tools/lazy_train_net.py`` (LazyConfig):
+    detectron2's ``default_argument_parser`` with ``--dataset`` (``add_dataset_args``)."""
+    parser = default_argument_parser()
+    add_dataset_args(parser)
+    return parser
+
+
+def launch_from_command_line(main, parser) -> None:
+    """Parse the command line with ``parser``, print it and run ``main(args)`` through detectron2's
+    ``launch`` (``--num-gpus`` processes per machine, ``--num-machines``, ``--machine-rank``,
+    ``--dist-url``): the ``__main__`` of ``train_net.py`` and ``tools/lazy_train_net.py``."""
+    args = parser.parse_args()
+    print("Command Line Args:", args)
+    launch(
+        main,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+    )

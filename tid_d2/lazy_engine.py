@@ -30,10 +30,13 @@ from .data import ensure_generated
 from .engine import (
     ResumableTrainingSampler,
     TIDCheckpointer,
-    Trainer,
+    TIDTrainerMixin,
     create_ddp_model,
+    image_dicts,
     preserved_rng_state,
     unwrap,
+    verification_image,
+    verified_export,
 )
 from .lazy import dataset_names, is_lazy_tid_config, load_lazy_config, tid_cfg_from_lazy
 from .modeling.distiller import TIDDistiller, is_distiller_key
@@ -79,40 +82,13 @@ def _ensure(names) -> None:
 
 
 # ------------------------------------------------------------------------------- trainers
-class _TIDTrainerMixin:
-    """What :class:`tid_d2.engine.Trainer` adds to detectron2's trainers, for LazyConfig runs:
-    TorchScript's graph-executor optimisation off (a resumed run repeats an uninterrupted one
-    bit for bit) and the modules' Python training state (the running loss normaliser of RetinaNet
-    / FCOS) saved with the checkpoint."""
-
-    def run_step(self):
-        with torch.jit.optimized_execution(False):
-            super().run_step()
-
-    def state_dict(self):
-        ret = super().state_dict()
-        ret["module_python_state"] = {
-            f"{name}:{attr}": float(getattr(m, attr))
-            for name, m in unwrap(self.model).named_modules()
-            for attr in Trainer._PYTHON_STATE
-            if isinstance(getattr(m, attr, None), (int, float))
-        }
-        return ret
-
-    def load_state_dict(self, state_dict):
-        super().load_state_dict(state_dict)
-        model = unwrap(self.model)
-        for key, value in state_dict.get("module_python_state", {}).items():
-            name, attr = key.rsplit(":", 1)
-            setattr(model.get_submodule(name), attr, value)
+class LazySimpleTrainer(TIDTrainerMixin, SimpleTrainer):
+    """detectron2's SimpleTrainer with :class:`~tid_d2.engine.TIDTrainerMixin` (what
+    :class:`tid_d2.engine.Trainer` adds to detectron2's trainers)."""
 
 
-class LazySimpleTrainer(_TIDTrainerMixin, SimpleTrainer):
-    """detectron2's SimpleTrainer with :class:`_TIDTrainerMixin`."""
-
-
-class LazyAMPTrainer(_TIDTrainerMixin, AMPTrainer):
-    """detectron2's AMPTrainer with :class:`_TIDTrainerMixin`."""
+class LazyAMPTrainer(TIDTrainerMixin, AMPTrainer):
+    """detectron2's AMPTrainer with :class:`~tid_d2.engine.TIDTrainerMixin`."""
 
 
 # ------------------------------------------------------------------------------- data
@@ -312,20 +288,6 @@ def _not_tid(config_file: str, cfg: DictConfig) -> ValueError:
     )
 
 
-def _test_image(cfg: DictConfig, image: Optional[str]) -> np.ndarray:
-    import cv2
-    from detectron2.data import DatasetCatalog
-
-    if image is None:
-        name = dataset_names(cfg.dataloader.test.dataset.names)[0]
-        ensure_generated(name)
-        image = DatasetCatalog.get(name)[0]["file_name"]
-    img = cv2.imread(image, cv2.IMREAD_COLOR)
-    if img is None:
-        raise FileNotFoundError(f"cannot read image '{image}'")
-    return img
-
-
 def _predict(model: nn.Module, img_bgr: np.ndarray, cfg: DictConfig):
     """The test mapper's preprocessing (format, augmentations), then the model, in eval."""
     import detectron2.data.transforms as T
@@ -339,17 +301,6 @@ def _predict(model: nn.Module, img_bgr: np.ndarray, cfg: DictConfig):
     model.eval()
     with torch.no_grad():
         return model([{"image": tensor, "height": h, "width": w}])[0]["instances"]
-
-
-def _max_diff(a, b) -> float:
-    if len(a) != len(b):
-        return float("inf")
-    if len(a) == 0:
-        return 0.0
-    return max(
-        (a.pred_boxes.tensor - b.pred_boxes.tensor).abs().max().item(),
-        (a.scores - b.scores).abs().max().item(),
-    )
 
 
 def export_lazy_student(
@@ -395,19 +346,12 @@ def export_lazy_student(
     vcfg.train.device = "cpu"
     exported = build_student(vcfg)
     TIDCheckpointer(exported).load(vcfg.train.init_checkpoint)
-    img = _test_image(cfg, image)
+    test_set = dataset_names(cfg.dataloader.test.dataset.names)[0] if image is None else None
+    img = verification_image(image, test_set)
     pred = _predict(exported, img, vcfg)
     ref = _predict(student, img, cfg)
-    diff = _max_diff(pred, ref)
-    if diff > 1e-4:
-        raise RuntimeError(
-            f"exported student predicts differently from the checkpoint (max |diff| {diff})"
-        )
     return {
-        "weights": out_weights,
-        "config": out_cfg,
-        "max_abs_diff": diff,
-        "num_detections": len(pred),
+        **verified_export(out_weights, out_cfg, pred, ref),
         "predictor": "LazyConfig.load + instantiate",
     }
 
@@ -425,9 +369,6 @@ def lazy_significance_setup(
     Returns:
         (distiller with the checkpoint loaded, its inputs with GT, the input format, the mode)
     """
-    import cv2
-    from detectron2.data import DatasetCatalog
-
     cfg = load_lazy_config(config_file, opts)
     if not is_lazy_tid_config(cfg):
         raise _not_tid(config_file, cfg)
@@ -440,16 +381,5 @@ def lazy_significance_setup(
         TIDCheckpointer(model, allow_pickle=allow_pickle_weights(cfg)).load(weights)
     mapper = instantiate(cfg.dataloader.test.mapper)
     mapper.is_train = True  # keep the annotations (test-time augmentation, no flips)
-    if images:
-        dicts = []
-        for path in images:
-            img = cv2.imread(path)
-            if img is None:
-                raise FileNotFoundError(f"cannot read image '{path}'")
-            h, w = img.shape[:2]
-            dicts.append({"file_name": path, "height": h, "width": w, "annotations": []})
-    else:
-        ensure_generated(dataset)
-        dicts = DatasetCatalog.get(dataset)[:num_images]
-    inputs = [mapper(copy.deepcopy(d)) for d in dicts]
+    inputs = [mapper(copy.deepcopy(d)) for d in image_dicts(dataset, images, num_images)]
     return model, inputs, mapper.image_format, model.mode

@@ -20,7 +20,6 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 # MODEL.<node> of the meta-architectures tid-d2 adds to detectron2 (one per family)
@@ -56,6 +55,7 @@ def export(config_file: str, weights: str, output: str, image: str = None, opts=
     from detectron2.modeling import build_model
 
     from tid_d2.config import get_cfg
+    from tid_d2.engine import verification_image, verified_export
     from tid_d2.lazy import is_lazy_config
     from tid_d2.modeling.distiller import is_distiller_key, student_cfg_from
     from tid_d2.modeling.teacher import load_weights_strict, read_checkpoint
@@ -102,40 +102,13 @@ def export(config_file: str, weights: str, output: str, image: str = None, opts=
     vcfg.merge_from_file(out_cfg)
     vcfg.MODEL.DEVICE = "cpu"
     predictor = DefaultPredictor(vcfg)
-    img = _verification_image(image, cfg)
+    # a BGR uint8 image: the given file, or the first image of the config's first test set
+    img = verification_image(image, cfg.DATASETS.TEST[0] if image is None else None)
     pred = predictor(img)["instances"]
     student.eval()
     with torch.no_grad():
         ref = _predict(student, img, scfg)
-    diff = _max_diff(pred, ref)
-    if diff > 1e-4:
-        raise RuntimeError(
-            f"exported student predicts differently from the checkpoint (max |diff| {diff})"
-        )
-    return {
-        "weights": out_weights,
-        "config": out_cfg,
-        "max_abs_diff": diff,
-        "num_detections": len(pred),
-    }
-
-
-def _verification_image(image, cfg) -> np.ndarray:
-    """A BGR uint8 image: the given file, or the first image of the config's first test set."""
-    import cv2
-
-    if image is None:
-        from detectron2.data import DatasetCatalog
-
-        from tid_d2.data import ensure_generated
-
-        name = cfg.DATASETS.TEST[0]
-        ensure_generated(name)
-        image = DatasetCatalog.get(name)[0]["file_name"]
-    img = cv2.imread(image, cv2.IMREAD_COLOR)
-    if img is None:
-        raise FileNotFoundError(f"cannot read image '{image}'")
-    return img
+    return verified_export(out_weights, out_cfg, pred, ref)
 
 
 def _predict(model, img_bgr, scfg):
@@ -148,17 +121,6 @@ def _predict(model, img_bgr, scfg):
     img = aug.get_transform(img).apply_image(img)
     tensor = torch.as_tensor(img.astype("float32").transpose(2, 0, 1))
     return model([{"image": tensor, "height": h, "width": w}])[0]["instances"]
-
-
-def _max_diff(a, b) -> float:
-    if len(a) != len(b):
-        return float("inf")
-    if len(a) == 0:
-        return 0.0
-    return max(
-        (a.pred_boxes.tensor - b.pred_boxes.tensor).abs().max().item(),
-        (a.scores - b.scores).abs().max().item(),
-    )
 
 
 def main(argv=None):

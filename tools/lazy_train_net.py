@@ -21,10 +21,11 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from detectron2.engine import default_argument_parser, default_setup, launch  # noqa: E402
+from detectron2.engine import default_setup  # noqa: E402
 
 import tid_d2  # noqa: E402,F401 (registers datasets, backbones, meta-architectures)
-from tid_d2.data import add_dataset_args, register_coco_datasets  # noqa: E402
+from tid_d2.data import register_coco_datasets  # noqa: E402
+from tid_d2.engine import argument_parser, launch_from_command_line  # noqa: E402
 from tid_d2.lazy import load_lazy_config  # noqa: E402
 from tid_d2.lazy_engine import do_eval_only, do_train  # noqa: E402
 
@@ -45,19 +46,8 @@ def main(args):
 
 
 def get_parser():
-    parser = default_argument_parser()
-    add_dataset_args(parser)
-    return parser
+    return argument_parser()
 
 
 if __name__ == "__main__":
-    args = get_parser().parse_args()
-    print("Command Line Args:", args)
-    launch(
-        main,
-        args.num_gpus,
-        num_machines=args.num_machines,
-        machine_rank=args.machine_rank,
-        dist_url=args.dist_url,
-        args=(args,),
-    )
+    launch_from_command_line(main, get_parser())

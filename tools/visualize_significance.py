@@ -22,25 +22,13 @@ import torch  # noqa: E402
 
 def load_inputs(cfg, dataset, images, num_images):
     """detectron2 input dicts (test-time resize, GT boxes when the dataset has them)."""
-    import cv2
-    from detectron2.data import DatasetCatalog, DatasetMapper
+    from detectron2.data import DatasetMapper
 
-    from tid_d2.data import ensure_generated
+    from tid_d2.engine import image_dicts
 
     mapper = DatasetMapper(cfg, is_train=False)
     mapper.is_train = True  # keep the annotations (test-time augmentation, no flips)
-    if images:
-        dicts = []
-        for path in images:
-            img = cv2.imread(path)
-            if img is None:
-                raise FileNotFoundError(f"cannot read image '{path}'")
-            h, w = img.shape[:2]
-            dicts.append({"file_name": path, "height": h, "width": w, "annotations": []})
-    else:
-        ensure_generated(dataset)
-        dicts = DatasetCatalog.get(dataset)[:num_images]
-    return [mapper(d) for d in dicts]
+    return [mapper(d) for d in image_dicts(dataset, images, num_images)]
 
 
 def figure(inp, maps, levels, input_format, out_path, title):
