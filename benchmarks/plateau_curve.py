@@ -244,6 +244,14 @@ def main(argv=None):
             f"- something to distil: teacher val AP {teacher[-1][1]:.2f} minus the student's at "
             f"{l_label} {final[l_label][1]:.2f} = {lead:+.2f} (needs >= {MIN_TEACHER_LEAD:.0f}): {ok}."
         )
+    elif teacher_done and done[s_label]:
+        lead = teacher[-1][1] - final[s_label][1]
+        ok = "holds" if lead >= MIN_TEACHER_LEAD else "does NOT hold"
+        checks.append(
+            f"- something to distil: teacher val AP {teacher[-1][1]:.2f} minus the student's at "
+            f"{s_label} {final[s_label][1]:.2f} = {lead:+.2f} (needs >= {MIN_TEACHER_LEAD:.0f}): {ok} "
+            f"at S ({l_label} unfinished)."
+        )
     else:
         checks.append("- something to distil: pending (teacher or the 2 S run unfinished).")
     if args.candidate:
