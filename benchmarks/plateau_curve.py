@@ -237,33 +237,27 @@ def main(argv=None):
         )
     else:
         checks.append("- plateau: pending (a run is unfinished).")
+
+    def lead_check(name, label, suffix=""):
+        """'- name: teacher minus the student of ``label`` ... holds / does NOT hold'."""
+        lead = teacher[-1][1] - final[label][1]
+        ok = "holds" if lead >= MIN_TEACHER_LEAD else "does NOT hold"
+        return (
+            f"- {name}: teacher val AP {teacher[-1][1]:.2f} minus the student's at {label} "
+            f"{final[label][1]:.2f} = {lead:+.2f} (needs >= {MIN_TEACHER_LEAD:.0f}): {ok}{suffix}."
+        )
+
     if teacher_done and done[l_label]:
-        lead = teacher[-1][1] - final[l_label][1]
-        ok = "holds" if lead >= MIN_TEACHER_LEAD else "does NOT hold"
-        checks.append(
-            f"- something to distil: teacher val AP {teacher[-1][1]:.2f} minus the student's at "
-            f"{l_label} {final[l_label][1]:.2f} = {lead:+.2f} (needs >= {MIN_TEACHER_LEAD:.0f}): {ok}."
-        )
+        checks.append(lead_check("something to distil", l_label))
     elif teacher_done and done[s_label]:
-        lead = teacher[-1][1] - final[s_label][1]
-        ok = "holds" if lead >= MIN_TEACHER_LEAD else "does NOT hold"
-        checks.append(
-            f"- something to distil: teacher val AP {teacher[-1][1]:.2f} minus the student's at "
-            f"{s_label} {final[s_label][1]:.2f} = {lead:+.2f} (needs >= {MIN_TEACHER_LEAD:.0f}): {ok} "
-            f"at S ({l_label} unfinished)."
-        )
+        checks.append(lead_check("something to distil", s_label, f" at S ({l_label} unfinished)"))
     else:
         checks.append("- something to distil: pending (teacher or the 2 S run unfinished).")
     if args.candidate:
         c_label = todo[2][0]
         if teacher_done and done[c_label]:
-            lead = teacher[-1][1] - final[c_label][1]
-            ok = "holds" if lead >= MIN_TEACHER_LEAD else "does NOT hold"
-            checks.append(
-                f"- {c_label} (`{' '.join(args.opts)}`): teacher val AP {teacher[-1][1]:.2f} minus "
-                f"its {final[c_label][1]:.2f} = {lead:+.2f} (needs >= {MIN_TEACHER_LEAD:.0f}): {ok} "
-                "(its own plateau is not checked: one run at S)."
-            )
+            suffix = f" (`{' '.join(args.opts)}`; its own plateau not checked: one run at S)"
+            checks.append(lead_check(f"candidate {args.candidate}", c_label, suffix))
         else:
             checks.append(f"- {c_label}: pending (teacher or candidate unfinished).")
 

@@ -67,6 +67,32 @@ def _merge_dicts(src: dict, dst: dict) -> None:
             dst[k] = v
 
 
+def _atss_family_node(node_class):
+    """The MODEL.<family> keys ATSS and GFL share, at the COCO defaults of both papers."""
+    node = node_class()
+    # Object classes (no background class).
+    node.NUM_CLASSES = 80
+    # Backbone features the head reads, fine to coarse.
+    node.IN_FEATURES = ["p3", "p4", "p5", "p6", "p7"]
+    # Conv layers in each of the classification and regression towers.
+    node.NUM_CONVS = 4
+    # Norm of the head towers: "GN" (32 groups), "BN", "" ...
+    node.HEAD_NORM = "GN"
+    # Initial foreground probability of the class logits (bias -log((1 - p) / p)).
+    node.PRIOR_PROB = 0.01
+    # k: candidate anchors per GT and FPN level of the ATSS assignment, closest by centre distance.
+    node.TOPK = 9
+    # One square anchor per location, of side ANCHOR_SCALE x the level's stride.
+    node.ANCHOR_SCALE = 8.0
+    # Inference: keep predictions whose sigmoid(class) exceeds this.
+    node.SCORE_THRESH_TEST = 0.05
+    # Inference: at most this many (location, class) candidates per level before NMS.
+    node.TOPK_CANDIDATES_TEST = 1000
+    # Inference: IoU threshold of the per-class NMS.
+    node.NMS_THRESH_TEST = 0.6
+    return node
+
+
 def add_tid_config(cfg):
     """Add the keys of tid-d2 to a detectron2 config (in place)."""
     _C = cfg
@@ -199,51 +225,19 @@ def add_tid_config(cfg):
 
     # ---------------------------------------------------------------- ATSS (yaml)
     # Defaults: the ATSS paper's / mmdetection's COCO settings (configs/atss/atss_r50_fpn_1x_coco).
-    _C.MODEL.ATSS = _D2CfgNode()
-    # Object classes (no background class).
-    _C.MODEL.ATSS.NUM_CLASSES = 80
-    # Backbone features the head reads, fine to coarse.
-    _C.MODEL.ATSS.IN_FEATURES = ["p3", "p4", "p5", "p6", "p7"]
-    # Conv layers in each of the classification and regression towers.
-    _C.MODEL.ATSS.NUM_CONVS = 4
-    # Norm of the head towers: "GN" (32 groups), "BN", "" ...
-    _C.MODEL.ATSS.HEAD_NORM = "GN"
-    # Initial foreground probability of the class logits (bias -log((1 - p) / p)).
-    _C.MODEL.ATSS.PRIOR_PROB = 0.01
-    # k: candidate anchors per GT and FPN level, closest by centre distance.
-    _C.MODEL.ATSS.TOPK = 9
-    # One square anchor per location, of side ANCHOR_SCALE x the level's stride.
-    _C.MODEL.ATSS.ANCHOR_SCALE = 8.0
+    _C.MODEL.ATSS = _atss_family_node(_D2CfgNode)
     # alpha of the classification's sigmoid focal loss.
     _C.MODEL.ATSS.FOCAL_LOSS_ALPHA = 0.25
     # gamma of the classification's sigmoid focal loss.
     _C.MODEL.ATSS.FOCAL_LOSS_GAMMA = 2.0
-    # Weight of the GIoU box loss.
+    # Weight of the GIoU box loss. (SCORE_THRESH_TEST applies to sigmoid(class) before the
+    # centerness factor.)
     _C.MODEL.ATSS.BOX_LOSS_WEIGHT = 2.0
-    # Inference: keep predictions whose sigmoid(class) (before the centerness factor) exceeds this.
-    _C.MODEL.ATSS.SCORE_THRESH_TEST = 0.05
-    # Inference: at most this many (location, class) candidates per level before NMS.
-    _C.MODEL.ATSS.TOPK_CANDIDATES_TEST = 1000
-    # Inference: IoU threshold of the per-class NMS.
-    _C.MODEL.ATSS.NMS_THRESH_TEST = 0.6
 
     # ---------------------------------------------------------------- GFL (yaml)
     # Defaults: the GFL paper's / mmdetection's COCO settings (configs/gfl/gfl_r50_fpn_1x_coco).
-    _C.MODEL.GFL = _D2CfgNode()
-    # Object classes (no background class).
-    _C.MODEL.GFL.NUM_CLASSES = 80
-    # Backbone features the head reads, fine to coarse.
-    _C.MODEL.GFL.IN_FEATURES = ["p3", "p4", "p5", "p6", "p7"]
-    # Conv layers in each of the classification and regression towers.
-    _C.MODEL.GFL.NUM_CONVS = 4
-    # Norm of the head towers: "GN" (32 groups), "BN", "" ...
-    _C.MODEL.GFL.HEAD_NORM = "GN"
-    # Initial foreground probability of the class logits (bias -log((1 - p) / p)).
-    _C.MODEL.GFL.PRIOR_PROB = 0.01
-    # k of the ATSS assignment: candidate anchors per GT and FPN level.
-    _C.MODEL.GFL.TOPK = 9
-    # Square anchor (ATSS assignment only) of side ANCHOR_SCALE x the level's stride.
-    _C.MODEL.GFL.ANCHOR_SCALE = 8.0
+    # (TOPK and ANCHOR_SCALE: of the ATSS assignment only; GFL regresses distributions.)
+    _C.MODEL.GFL = _atss_family_node(_D2CfgNode)
     # n: each side's distance is a distribution over 0..n strides (n + 1 bins).
     _C.MODEL.GFL.REG_MAX = 16
     # beta of the Quality Focal Loss.
@@ -252,12 +246,6 @@ def add_tid_config(cfg):
     _C.MODEL.GFL.DFL_WEIGHT = 0.25
     # Weight of the GIoU box loss.
     _C.MODEL.GFL.GIOU_WEIGHT = 2.0
-    # Inference: keep predictions whose sigmoid(class) exceeds this.
-    _C.MODEL.GFL.SCORE_THRESH_TEST = 0.05
-    # Inference: at most this many (location, class) candidates per level before NMS.
-    _C.MODEL.GFL.TOPK_CANDIDATES_TEST = 1000
-    # Inference: IoU threshold of the per-class NMS.
-    _C.MODEL.GFL.NMS_THRESH_TEST = 0.6
 
     # ---------------------------------------------------------------- MobileNetV2 backbone
     _C.MODEL.MOBILENET = _D2CfgNode()
