@@ -43,17 +43,21 @@ from tid_d2.runs import (  # noqa: E402
 MIN_TEACHER_LEAD = 5.0  # AP: the teacher above the student's plateau, else nothing to distil
 
 
-def candidate_run(args):
-    """(label, folder, config, overrides, iterations) of a candidate student (``--candidate NAME
-    KEY VALUE ...``): the student alone at S with the overrides, evaluated on val every
-    ``--eval-period``: how far another split's student gets, to check the teacher's lead."""
+def candidate_runs(args):
+    """[(label, folder, config, overrides, iterations)] of a candidate student (``--candidate
+    NAME KEY VALUE ...``) at S and 2 S: the student alone with the overrides, evaluated on val
+    every ``--eval-period``: another split's plateau and the teacher's lead over it."""
+    return [_candidate_run(args, args.iters, "S"), _candidate_run(args, 2 * args.iters, "2 S")]
+
+
+def _candidate_run(args, iters, name):
     setting = SETTINGS["plateau"]
-    out = os.path.join(args.output, f"{args.family}_{args.candidate}_none_s0_{args.iters}")
-    opts = ["SEED", "0", "TID.MODE", "none", *args.opts, "SOLVER.MAX_ITER", str(args.iters)]
+    out = os.path.join(args.output, f"{args.family}_{args.candidate}_none_s0_{iters}")
+    opts = ["SEED", "0", "TID.MODE", "none", *args.opts, "SOLVER.MAX_ITER", str(iters)]
     opts += ["DATASETS.TEST", f"('{VAL}',)", "TEST.EVAL_PERIOD", str(args.eval_period)]
     opts += ["DATALOADER.NUM_WORKERS", str(args.workers), "VIS_PERIOD", "0"]
     config = os.path.join(args.config_dir, setting["config"].format(fam=args.family))
-    return (f"candidate {args.candidate}, S = {args.iters}", out, config, opts, args.iters)
+    return (f"candidate {args.candidate}, {name} = {iters}", out, config, opts, iters)
 
 
 def runs(args):
@@ -185,9 +189,9 @@ def main(argv=None):
         ensure_generated(f"tid_shapes_{split}")
     start = time.time()
     todo = runs(args)
-    train = [] if args.report_only else ([candidate_run(args)] if args.candidate else todo)
+    train = [] if args.report_only else (candidate_runs(args) if args.candidate else todo)
     if args.candidate:
-        todo = todo + [candidate_run(args)]
+        todo = todo + candidate_runs(args)
     threads = threads_per_run(min(args.parallel, max(1, len(train))))
     with ThreadPoolExecutor(max_workers=args.parallel) as pool:
         list(pool.map(lambda r: _train(args, r, threads), train))
@@ -254,12 +258,30 @@ def main(argv=None):
     else:
         checks.append("- something to distil: pending (teacher or the 2 S run unfinished).")
     if args.candidate:
-        c_label = todo[2][0]
-        if teacher_done and done[c_label]:
-            suffix = f" (`{' '.join(args.opts)}`; its own plateau not checked: one run at S)"
-            checks.append(lead_check(f"candidate {args.candidate}", c_label, suffix))
+        (c_s, *_), (c_l, *_) = todo[2:4]
+        if done[c_s] and done[c_l]:
+            diff = final[c_s][1] - final[c_l][1]
+            verdict = (
+                "pending (no seed std)"
+                if std is None
+                else ("holds" if abs(diff) <= std else "does NOT hold")
+            )
+            checks.append(
+                f"- candidate {args.candidate} plateau: val AP at {c_s} minus at {c_l} = "
+                f"{diff:+.2f}: {verdict}."
+            )
         else:
-            checks.append(f"- {c_label}: pending (teacher or candidate unfinished).")
+            checks.append(f"- candidate {args.candidate} plateau: pending (a run is unfinished).")
+        where = c_l if done[c_l] else c_s
+        if teacher_done and done[where]:
+            suffix = (
+                f" (`{' '.join(args.opts)}`" + ("" if where == c_l else "; 2 S unfinished") + ")"
+            )
+            checks.append(lead_check(f"candidate {args.candidate}", where, suffix))
+        else:
+            checks.append(
+                f"- candidate {args.candidate}: pending (teacher or candidate unfinished)."
+            )
 
     stem = f"{args.family}_plateau_curve" + (f"_{args.candidate}" if args.candidate else "")
     os.makedirs(args.results, exist_ok=True)
