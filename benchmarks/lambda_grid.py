@@ -11,6 +11,7 @@ written under the mode's own key (``TID.LOSS_WEIGHT`` for the SFDM modes, ``TID.
 
     python benchmarks/lambda_grid.py --family fcos --setting plateau --parallel 2 --reuse
     python benchmarks/lambda_grid.py --family fcos --setting plateau --variants pkd --grid 3 10 30
+    python benchmarks/lambda_grid.py --family fcos --variants fitnet tid --train-weights 0.003
 """
 
 import argparse
@@ -98,6 +99,14 @@ def main(argv=None):
     p.add_argument("--setting", default="plateau", choices=sorted(SETTINGS))
     p.add_argument("--variants", nargs="*", default=DEFAULT_VARIANTS, choices=VARIANTS)
     p.add_argument("--grid", nargs="*", type=float, default=None, help="override every grid")
+    p.add_argument(
+        "--train-weights",
+        nargs="*",
+        type=float,
+        default=None,
+        help="train only the points of each grid with these weights now (the report and the "
+        "choice still cover the whole grid)",
+    )
     p.add_argument("--iters", type=int, default=None, help="default: the setting's schedule")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--parallel", type=int, default=2)
@@ -141,8 +150,9 @@ def main(argv=None):
         train_or_reuse(config, out, opts, VAL, args.iters, args.reuse, label, quiet, threads)
 
     if not args.report_only:
+        now = [pt for pt in points if args.train_weights is None or pt[1] in args.train_weights]
         with ThreadPoolExecutor(max_workers=args.parallel) as pool:
-            list(pool.map(train, points))
+            list(pool.map(train, now))
     val = {}
     for pt in points:
         if reuse_state(*runs[pt][1:], VAL, iters=args.iters) == "finished":
