@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Each variant's loss weight chosen on val (issue 29): one seed per (variant, lambda) of a small
-grid, trained by the benchmark's own command for that setting and evaluated on
-``tid_shapes_val`` only (the test split is never looked at here).
+grid, trained exactly as the benchmark's seed-0 run of that variant (val every eval period, val
+and test at the end) and chosen on ``tid_shapes_val`` only: this script never reads the test
+split's numbers; the chosen point's run is then the benchmark's seed-0 run.
 
 Writes ``benchmarks/results/<setting stem>_lambda.{json,md}`` (e.g. ``fcos_plateau_lambda``): the
 val AP of every grid point and, for each variant whose grid is complete, the lambda with the best
@@ -20,6 +21,7 @@ import os
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -29,8 +31,10 @@ from run_benchmark import (  # noqa: E402
     SETTINGS,
     VAL,
     VARIANTS,
+    _variant_run,
+    grid_folder,
+    grid_root,
     lambda_file,
-    variant_opts,
 )
 
 from tid_d2.modeling.distiller import loss_weight_key  # noqa: E402
@@ -66,29 +70,46 @@ def grid_of(variant, override):
 
 
 def grid_run(args, variant, weight, teacher):
-    """(label, output folder, config file, overrides) of one grid point: the benchmark's run of
-    that variant at seed 0 with the weight set, evaluated on val only, at the end only."""
-    setting = SETTINGS[args.setting]
-    out = os.path.join(args.output, f"{args.family}_{variant}_l{weight:g}")
-    opts = [
-        "SEED",
-        "0",
-        *variant_opts(variant, {variant: weight}),
-        "TID.TEACHER.WEIGHTS",
-        teacher,
-        "SOLVER.MAX_ITER",
-        str(args.iters),
-        "DATASETS.TEST",
-        f"('{VAL}',)",
-        "TEST.EVAL_PERIOD",
-        "0",
-        "DATALOADER.NUM_WORKERS",
-        str(args.workers),
-        "VIS_PERIOD",
-        "0",
-    ]
-    config = os.path.join(args.config_dir, setting["config"].format(fam=args.family))
+    """(label, output folder, config file, overrides) of one grid point: exactly the benchmark's
+    first-seed run of that variant with that weight (seed 0, val evaluated every eval period, val
+    and test at the end), in the grid's folder. Only val is read here; when the point is chosen,
+    run_benchmark.py takes this run as its seed-0 run (``benchmark_run``) instead of training it
+    again."""
+    bench = SimpleNamespace(
+        setting=args.setting,
+        iters=args.iters,
+        eval_period=SETTINGS[args.setting]["eval_period"],
+        seeds=[0],
+        workers=args.workers,
+        config_dir=args.config_dir,
+        loss_weights={variant: weight},
+    )
+    _, config, opts = _variant_run(bench, args.family, variant, 0, teacher, args.output, [])
+    out = grid_folder(args.output, args.family, variant, weight)
     return f"{variant} {weight:g}", out, config, opts
+
+
+def val_only_opts(opts):
+    """The overrides grid points had before they doubled as the benchmark's seed-0 runs (val
+    only, evaluated at the end only): such a finished point still counts for the choice on val,
+    but the benchmark trains its seed-0 run itself."""
+    out = list(opts)
+    for key, value in (("DATASETS.TEST", f"('{VAL}',)"), ("TEST.EVAL_PERIOD", "0")):
+        out[out.index(key) + 1] = value
+    return out
+
+
+def finished_point(run, iters):
+    """The overrides of the finished run in a grid point's folder (``run``: ``grid_run``'s
+    tuple), in this format or the earlier val-only one; None when the point is not finished."""
+    _, out, config, opts = run
+    for candidate in (opts, val_only_opts(opts)):
+        try:
+            if reuse_state(out, config, candidate, VAL, iters=iters) == "finished":
+                return candidate
+        except RuntimeError:
+            continue
+    return None
 
 
 def main(argv=None):
@@ -122,7 +143,7 @@ def main(argv=None):
     setting = SETTINGS[args.setting]
     args.iters = args.iters or setting["iters"]
     bench_output = args.bench_output or os.path.join(REPO_ROOT, "output", setting["output"])
-    args.output = args.output or os.path.join(REPO_ROOT, "output", setting["output"] + "_grid")
+    args.output = args.output or grid_root(bench_output)
     if "none" in args.variants:
         p.error("the student alone has no loss weight to choose")
 
@@ -147,6 +168,8 @@ def main(argv=None):
         label, out, config, opts = runs[pt]
         threads = threads_per_run(args.parallel)
         quiet = args.parallel > 1
+        if args.reuse and finished_point(runs[pt], args.iters) is not None:
+            return
         train_or_reuse(config, out, opts, VAL, args.iters, args.reuse, label, quiet, threads)
 
     if not args.report_only:
@@ -155,7 +178,7 @@ def main(argv=None):
             list(pool.map(train, now))
     val = {}
     for pt in points:
-        if reuse_state(*runs[pt][1:], VAL, iters=args.iters) == "finished":
+        if finished_point(runs[pt], args.iters) is not None:
             val[pt] = final_ap(runs[pt][1], VAL)["AP"]
     alone = os.path.join(bench_output, f"{args.family}_none_s0")
     try:

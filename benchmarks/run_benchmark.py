@@ -149,8 +149,36 @@ def _variant_run(args, fam, mode, seed, teacher_weights, out_root, extra):
     return out, os.path.join(args.config_dir, config), opts
 
 
-def _run_variant(args, fam, mode, seed, teacher_weights, out_root, extra, threads=None):
+def grid_root(out_root):
+    """The folder of benchmarks/lambda_grid.py's runs beside a benchmark's folder ``out_root``."""
+    return os.path.normpath(out_root) + "_grid"
+
+
+def grid_folder(root, fam, variant, weight):
+    """The folder of one lambda-grid point (``root``: :func:`grid_root`)."""
+    return os.path.join(root, f"{fam}_{variant}_l{weight:g}")
+
+
+def benchmark_run(args, fam, mode, seed, teacher_weights, out_root, extra):
+    """``_variant_run``, except that the first seed's run of a variant whose loss weight was
+    chosen on val is the lambda grid's run of that weight when that one is finished with exactly
+    these settings (the grid trains seed 0 with the benchmark's own overrides and evaluates val and
+    test, choosing on val only), so the chosen point is not trained twice."""
     out, config, opts = _variant_run(args, fam, mode, seed, teacher_weights, out_root, extra)
+    weight = (getattr(args, "loss_weights", None) or {}).get(mode)
+    if weight is None or seed != args.seeds[0] or extra:
+        return out, config, opts
+    grid = grid_folder(grid_root(out_root), fam, mode, weight)
+    try:
+        if reuse_state(grid, config, opts, TEST, iters=args.iters) == "finished":
+            return grid, config, opts
+    except RuntimeError:  # a grid run of other settings (e.g. an older val-only one)
+        pass
+    return out, config, opts
+
+
+def _run_variant(args, fam, mode, seed, teacher_weights, out_root, extra, threads=None):
+    out, config, opts = benchmark_run(args, fam, mode, seed, teacher_weights, out_root, extra)
     state, secs = train_or_reuse(
         config,
         out,
@@ -165,6 +193,7 @@ def _run_variant(args, fam, mode, seed, teacher_weights, out_root, extra, thread
     record = {"family": fam, "mode": mode, "seed": seed, "iterations": args.iters, "wall_s": secs}
     record["variant_opts"] = variant_opts(mode, getattr(args, "loss_weights", None))
     record["resumed"] = state == "resumable"
+    record["lambda_grid_run"] = os.path.dirname(out) == grid_root(out_root)
     record.update({f: v for f, v in final_ap(out, TEST).items()})
     record.update({f"val_{f}": v for f, v in final_ap(out, VAL).items()})
     record["val_curve"] = ap_curve(out, VAL)
@@ -468,7 +497,7 @@ def main(argv=None):
     if args.report_only:
         finished_jobs = []
         for mode, seed in jobs:
-            run = _variant_run(args, fam, mode, seed, teacher_weights, args.output, extra)
+            run = benchmark_run(args, fam, mode, seed, teacher_weights, args.output, extra)
             if reuse_state(*run, TEST, iters=args.iters) == "finished":
                 finished_jobs.append((mode, seed))
             else:

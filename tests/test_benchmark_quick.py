@@ -425,3 +425,68 @@ def test_variants_settings_and_val_chosen_loss_weights(tmp_path):
             cfg.merge_from_file(config)
             cfg.merge_from_list(opts)
             validate_tid_cfg(cfg)
+
+
+def test_the_chosen_lambda_grid_point_is_the_benchmarks_first_seed_run(tmp_path):
+    """lambda_grid.py trains each point exactly as the benchmark's seed-0 run of that variant
+    (val and test at the end); once a point is chosen and finished, run_benchmark.py takes that
+    folder for seed 0 instead of training it again, and never for another seed, weight or a grid
+    run of other settings."""
+    from types import SimpleNamespace
+
+    from tid_d2.config import get_cfg
+
+    bench = _benchmark_script("run_benchmark")
+    grid = _benchmark_script("lambda_grid")
+    root = str(tmp_path / "bench")
+    shapes = os.path.join(REPO, "configs", "shapes")
+    grid_args = SimpleNamespace(
+        setting="plateau",
+        iters=20,
+        workers=0,
+        config_dir=shapes,
+        output=bench.grid_root(root),
+        family="fcos",
+    )
+    _, out, config, opts = grid.grid_run(grid_args, "tid", 0.003, "t.pth")
+    assert out == os.path.join(str(tmp_path), "bench_grid", "fcos_tid_l0.003")
+    args = SimpleNamespace(
+        setting="plateau",
+        iters=20,
+        eval_period=bench.SETTINGS["plateau"]["eval_period"],
+        seeds=[0, 1],
+        workers=0,
+        config_dir=shapes,
+        loss_weights={"tid": 0.003},
+    )
+    own = os.path.join(root, "fcos_tid_s0")
+    assert bench.benchmark_run(args, "fcos", "tid", 0, "t.pth", root, [])[0] == own  # no grid run
+    # the grid point, finished: a saved config of these settings and an evaluation at the end
+    os.makedirs(out)
+    saved = get_cfg()
+    saved.merge_from_file(config)
+    saved.merge_from_list(opts)
+    with open(os.path.join(out, "config.yaml"), "w") as f:
+        f.write(saved.dump())
+    with open(os.path.join(out, "metrics.json"), "w") as f:
+        for ds in (bench.VAL, bench.TEST):
+            f.write(json.dumps({"iteration": 19, f"{ds}/bbox/AP": 50.0}) + "\n")
+    assert bench.benchmark_run(args, "fcos", "tid", 0, "t.pth", root, []) == (out, config, opts)
+    assert bench.benchmark_run(args, "fcos", "tid", 1, "t.pth", root, [])[0].endswith("_s1")
+    args.loss_weights = {"tid": 0.01}  # another weight chosen: its own point, not this one
+    assert bench.benchmark_run(args, "fcos", "tid", 0, "t.pth", root, [])[0] == own
+    args.loss_weights = {"tid": 0.003}
+    args.iters = 40  # a grid run of another schedule is left alone, not an error
+    assert bench.benchmark_run(args, "fcos", "tid", 0, "t.pth", root, [])[0] == own
+    # the grid reads a finished point in this format and in the earlier val-only one; the
+    # benchmark takes only the former as its seed-0 run
+    args.iters = 20
+    assert grid.finished_point(("tid", out, config, opts), 20) == opts
+    val_only = grid.val_only_opts(opts)
+    assert val_only[val_only.index("TEST.EVAL_PERIOD") + 1] == "0"
+    saved.merge_from_list(val_only)
+    with open(os.path.join(out, "config.yaml"), "w") as f:
+        f.write(saved.dump())
+    assert grid.finished_point(("tid", out, config, opts), 20) == val_only
+    assert grid.finished_point(("tid", out, config, opts), 40) is None
+    assert bench.benchmark_run(args, "fcos", "tid", 0, "t.pth", root, [])[0] == own
