@@ -490,3 +490,31 @@ def test_the_chosen_lambda_grid_point_is_the_benchmarks_first_seed_run(tmp_path)
     assert grid.finished_point(("tid", out, config, opts), 20) == val_only
     assert grid.finished_point(("tid", out, config, opts), 40) is None
     assert bench.benchmark_run(args, "fcos", "tid", 0, "t.pth", root, [])[0] == own
+
+
+def test_loss_shares_reads_per_level_imitation_from_the_training_log(tmp_path):
+    """benchmarks/loss_shares.py on a hand-written metrics.json: window means, the levels'
+    shares of the imitation and its ratio to the detection loss, evaluation records skipped."""
+    run = tmp_path / "run"
+    run.mkdir()
+    records = [
+        {"iteration": 0, "loss_fcos_cls": 1.0, "loss_tid_p3": 0.3, "loss_tid_p4": 0.1},
+        {"iteration": 1, "loss_fcos_cls": 3.0, "loss_tid_p3": 0.5, "loss_tid_p4": 0.1},
+        {"iteration": 1, "tid_shapes_val/bbox/AP": 50.0},  # an evaluation: no losses
+        {"iteration": 2, "loss_fcos_cls": 0.5, "loss_tid_p3": 0.0, "loss_tid_p4": 0.25},
+    ]
+    (run / "metrics.json").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    script = _benchmark_script("loss_shares")
+    windows = ["--window", "0", "2", "--window", "2", "3"]
+    script.main([str(run), *windows, "--results", str(tmp_path), "--name", "ls"])
+    (first, second) = json.load(open(tmp_path / "ls.json"))["runs"][str(run)]
+    # iterations 0-1: p3 mean 0.4, p4 0.1 -> imitation 0.5, detection 2.0
+    assert first["imitation"] == pytest.approx(0.5)
+    assert first["detection"] == pytest.approx(2.0)
+    assert first["share"] == pytest.approx({"p3": 0.8, "p4": 0.2})
+    # iteration 2 alone: all of the imitation on p4
+    assert second["share"] == pytest.approx({"p3": 0.0, "p4": 1.0})
+    row = "| 0-2 | 0.5000 | 2.0000 | 0.2500 | 0.8000 | 0.2000 |"
+    assert row in (tmp_path / "ls.md").read_text()
+    with pytest.raises(SystemExit):  # a folder without a training log is an error, not a table
+        script.main([str(tmp_path / "missing"), "--results", str(tmp_path)])
