@@ -57,6 +57,8 @@ def model_and_batch(family, mode, batch, teacher_weights, opts=()):
     cfg.merge_from_list(list(opts))
     cfg.TID.TEACHER.WEIGHTS = teacher_weights
     cfg.TID.MODE = mode
+    # every timed step sees the same batch: a teacher cache would skip the teacher in all of them
+    cfg.TID.TEACHER.CACHE_MB = 0
     return build_model(cfg), _batch(cfg, batch), torch.device(cfg.MODEL.DEVICE)
 
 

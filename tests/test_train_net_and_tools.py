@@ -430,6 +430,9 @@ def test_reuse_state_requires_the_same_settings_and_tells_finished_from_resumabl
     del dumped["TID"]["ADAPTER_INIT"]
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(dumped))
     assert reuse_state(out, config, opts + teacher, "tid_shapes_val") == "finished"
+    # the teacher cache changes the speed of a run, not its result: the same run either way
+    cache = ["TID.TEACHER.CACHE_MB", "512"]
+    assert reuse_state(out, config, opts + teacher + cache, "tid_shapes_val") == "finished"
     orth = ["TID.ADAPTER_INIT", "orthogonal"]
     with pytest.raises(RuntimeError, match=r"\(TID.ADAPTER_INIT differ"):
         reuse_state(out, config, opts + teacher + orth, "tid_shapes_val")

@@ -161,6 +161,11 @@ def add_tid_config(cfg):
     _C.TID.TEACHER.OPTS = []
     # Evaluate the teacher on DATASETS.TEST once before training and log its AP.
     _C.TID.TEACHER.EVAL_BEFORE_TRAIN = False
+    # Keep the teacher's outputs (FPN features, head outputs) per training image, up to this many
+    # MB, and reuse them when the same image, flipped the same way, comes again: the same values,
+    # without the teacher's forward (tid_d2/modeling/teacher_cache.py). 0 = off. Dense teachers
+    # only; useless with random augmentations that never repeat.
+    _C.TID.TEACHER.CACHE_MB = 0
 
     # DIEM: dual-task significance.
     _C.TID.SIG = _D2CfgNode()

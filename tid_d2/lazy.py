@@ -48,9 +48,7 @@ from detectron2.utils.registry import locate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 
-from .modeling.distiller import TIDDistiller, method_loss_weight, validate_tid_cfg
-from .modeling.fgd import fgd_params_for
-from .modeling.regions import RegionParams
+from .modeling.distiller import TIDDistiller, distiller_kwargs, validate_tid_cfg
 from .modeling.teacher import build_teacher, freeze_teacher
 
 __all__ = [
@@ -163,34 +161,6 @@ def tid_cfg_from_lazy(
     cfg.VIS_PERIOD = int(vis_period)
     cfg.freeze()
     return cfg
-
-
-def distiller_kwargs(cfg: CfgNode) -> Dict[str, Any]:
-    """:class:`TIDDistiller` keyword arguments of a TID config other than the two models and
-    their configs: the same values as ``TIDDistiller.from_config`` (a test checks both)."""
-    tid = cfg.TID
-    return {
-        "mode": tid.MODE,
-        "in_features": list(tid.IN_FEATURES),
-        "loss_weight": method_loss_weight(cfg),
-        "warmup_iters": tid.WARMUP_ITERS,
-        "adapter_mode": tid.ADAPTER,
-        "region_params": RegionParams(
-            key_thresh=tid.REGION.KEY_THRESH,
-            weak_rule=tid.REGION.WEAK_RULE,
-            weak_thresh=tid.REGION.WEAK_THRESH,
-            weak_ratio=tid.REGION.WEAK_RATIO,
-            weights=tuple(float(w) for w in tid.REGION.WEIGHTS),
-        ),
-        "vis_period": cfg.VIS_PERIOD,
-        "tid_cfg": cfg,
-        "feature_norm": tid.FEATURE_NORM,
-        "adapter_warmup_iters": tid.ADAPTER_WARMUP_ITERS,
-        "region_normalize": tid.REGION.NORMALIZE,
-        "adapter_init": tid.ADAPTER_INIT,
-        "adapter_train": tid.ADAPTER_TRAIN,
-        "fgd_params": fgd_params_for(tid.FGD, tid.STUDENT_META_ARCHITECTURE),
-    }
 
 
 def _meta_architecture(model: nn.Module) -> str:

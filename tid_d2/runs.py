@@ -22,6 +22,7 @@ __all__ = [
     "train_net",
     "train_or_reuse",
     "reuse_state",
+    "RESULT_NEUTRAL_KEYS",
     "read_metrics",
     "final_ap",
     "ap_curve",
@@ -264,6 +265,11 @@ def has_final_ap(
     return bool(trained) and (max_iter is None or max(trained) >= max_iter)
 
 
+# config keys that change how fast a run computes, not what: a run saved with another value is
+# still the same run for --reuse (the teacher cache returns the teacher's own outputs)
+RESULT_NEUTRAL_KEYS = ("TID.TEACHER.CACHE_MB",)
+
+
 def reuse_state(
     output_dir: str,
     config_file: str,
@@ -277,7 +283,7 @@ def reuse_state(
     checkpoint: train afresh).
 
     The run's saved ``config.yaml`` must equal what ``config_file`` + ``opts`` give now (OUTPUT_DIR
-    aside; files compared by their real absolute path), so a folder trained with another loss
+    and :data:`RESULT_NEUTRAL_KEYS` aside; files compared by their real absolute path), so a folder trained with another loss
     weight, schedule or config file is never taken for this run, however the folder is named.
     Nor is it trained over: a folder holding a finished or checkpointed run with other settings
     raises a RuntimeError naming the keys that differ, and loses nothing.
@@ -298,6 +304,12 @@ def reuse_state(
     _fill_missing(have, yaml.safe_load(get_cfg().dump()))
     for cfg in (want, have):
         cfg.pop("OUTPUT_DIR", None)
+        for dotted in RESULT_NEUTRAL_KEYS:
+            *parents, last = dotted.split(".")
+            node = cfg
+            for name in parents:
+                node = node.get(name) or {}
+            node.pop(last, None)
         _absolute_paths(cfg)
     differ = _differing_keys(want, have)
     if iters is not None and _configured_max_iter(output_dir) != iters:

@@ -44,6 +44,7 @@ from .regions import (
 )
 from .significance import paint_boxes
 from .teacher import build_teacher
+from .teacher_cache import TeacherOutputCache, run_teacher_cached
 
 __all__ = [
     "TIDDistiller",
@@ -150,6 +151,35 @@ def validate_tid_cfg(cfg) -> None:
     )
 
 
+def distiller_kwargs(cfg) -> Dict:
+    """:class:`TIDDistiller` keyword arguments of a TID config other than the two models and
+    their configs (shared by ``from_config`` and :mod:`tid_d2.lazy`)."""
+    tid = cfg.TID
+    return {
+        "mode": tid.MODE,
+        "in_features": list(tid.IN_FEATURES),
+        "loss_weight": method_loss_weight(cfg),
+        "warmup_iters": tid.WARMUP_ITERS,
+        "adapter_mode": tid.ADAPTER,
+        "region_params": RegionParams(
+            key_thresh=tid.REGION.KEY_THRESH,
+            weak_rule=tid.REGION.WEAK_RULE,
+            weak_thresh=tid.REGION.WEAK_THRESH,
+            weak_ratio=tid.REGION.WEAK_RATIO,
+            weights=tuple(float(w) for w in tid.REGION.WEIGHTS),
+        ),
+        "vis_period": cfg.VIS_PERIOD,
+        "tid_cfg": cfg,
+        "feature_norm": tid.FEATURE_NORM,
+        "adapter_warmup_iters": tid.ADAPTER_WARMUP_ITERS,
+        "region_normalize": tid.REGION.NORMALIZE,
+        "adapter_init": tid.ADAPTER_INIT,
+        "adapter_train": tid.ADAPTER_TRAIN,
+        "fgd_params": fgd_params_for(tid.FGD, tid.STUDENT_META_ARCHITECTURE),
+        "teacher_cache_mb": tid.TEACHER.CACHE_MB,
+    }
+
+
 @META_ARCH_REGISTRY.register()
 class TIDDistiller(nn.Module):
     """Frozen teacher + trainable student, with the TID feature-imitation loss in training.
@@ -181,6 +211,7 @@ class TIDDistiller(nn.Module):
         fgd_params: FGDParams = FGDParams(),
         student_input_format: Optional[str] = None,
         teacher_input_format: Optional[str] = None,
+        teacher_cache_mb: float = 0.0,
     ):
         """
         Args:
@@ -203,6 +234,8 @@ class TIDDistiller(nn.Module):
             student_input_format, teacher_input_format: "BGR" or "RGB"; default: the configs'
                 INPUT.FORMAT. Models built without a yacs config (LazyConfig, see
                 :mod:`tid_d2.lazy`) pass None configs and their formats here.
+            teacher_cache_mb: keep the teacher's outputs per training image, up to this many MB,
+                and reuse them when the same image comes again (:mod:`.teacher_cache`); 0 = off.
         """
         super().__init__()
         if mode not in TID_MODES:
@@ -248,6 +281,8 @@ class TIDDistiller(nn.Module):
             )
             self.tid_adapters.to(self.device)
             self.tid_loss.to(self.device)
+        self.teacher_cache = self._build_teacher_cache(float(teacher_cache_mb))
+        self._cache_hit_rate = 0.0
         self.register_state_dict_post_hook(_strip_student_prefix)
         self.register_load_state_dict_pre_hook(_add_student_prefix)
 
@@ -262,27 +297,21 @@ class TIDDistiller(nn.Module):
             "student_cfg": scfg,
             "teacher": teacher,
             "teacher_cfg": tcfg,
-            "mode": cfg.TID.MODE,
-            "in_features": list(cfg.TID.IN_FEATURES),
-            "loss_weight": method_loss_weight(cfg),
-            "warmup_iters": cfg.TID.WARMUP_ITERS,
-            "adapter_mode": cfg.TID.ADAPTER,
-            "region_params": RegionParams(
-                key_thresh=cfg.TID.REGION.KEY_THRESH,
-                weak_rule=cfg.TID.REGION.WEAK_RULE,
-                weak_thresh=cfg.TID.REGION.WEAK_THRESH,
-                weak_ratio=cfg.TID.REGION.WEAK_RATIO,
-                weights=tuple(float(w) for w in cfg.TID.REGION.WEIGHTS),
-            ),
-            "vis_period": cfg.VIS_PERIOD,
-            "tid_cfg": cfg,
-            "feature_norm": cfg.TID.FEATURE_NORM,
-            "adapter_warmup_iters": cfg.TID.ADAPTER_WARMUP_ITERS,
-            "region_normalize": cfg.TID.REGION.NORMALIZE,
-            "adapter_init": cfg.TID.ADAPTER_INIT,
-            "adapter_train": cfg.TID.ADAPTER_TRAIN,
-            "fgd_params": fgd_params_for(cfg.TID.FGD, cfg.TID.STUDENT_META_ARCHITECTURE),
+            **distiller_kwargs(cfg),
         }
+
+    def _build_teacher_cache(self, max_mb: float) -> Optional[TeacherOutputCache]:
+        if max_mb < 0:
+            raise ValueError(f"TID.TEACHER.CACHE_MB must be >= 0 (0 = off), got {max_mb:g}")
+        if max_mb == 0 or self.mode == "none":
+            return None
+        if not self.teacher_probe.cacheable:
+            raise ValueError(
+                f"TID.TEACHER.CACHE_MB {max_mb:g}: a {self.teacher_probe.family} teacher's outputs "
+                "depend on more than the image (Faster R-CNN's ROI head scores the student's boxes, "
+                "which change every step), so they cannot be cached; set TID.TEACHER.CACHE_MB 0"
+            )
+        return TeacherOutputCache(max_mb)
 
     # ------------------------------------------------------------------------- set-up checks
     def _check_pairing(self, in_features: List[str]) -> List[str]:
@@ -445,9 +474,14 @@ class TIDDistiller(nn.Module):
         "sig_student" (N, H, W) fp32 (None in modes without significance).
         """
         padded = tuple(self.student_probe.captured["input_shape"][-2:])
-        self.teacher_probe.run(
-            self._teacher_images(batched_inputs, padded), self.student_probe.roi_boxes()
-        )
+        images = self._teacher_images(batched_inputs, padded)
+        if self.teacher_cache is None:
+            self.teacher_probe.run(images, self.student_probe.roi_boxes())
+        else:
+            keys = [self.teacher_cache.key(x["image"], padded) for x in batched_inputs]
+            self._cache_hit_rate = run_teacher_cached(
+                self.teacher_probe, self.teacher_cache, images, keys
+            )
         return self._maps_from_captured(batched_inputs)
 
     @torch.no_grad()
@@ -547,6 +581,8 @@ class TIDDistiller(nn.Module):
         scalars = {f"tid/{name}_share": v / total for name, v in zip(names, values)}
         scalars["tid/lambda"] = lam
         scalars.update(method_scalars or {})
+        if self.teacher_cache is not None:
+            scalars["tid/teacher_cache_hits"] = self._cache_hit_rate  # share of the batch
         for (who, _sig), v in zip(whos, values[len(names) :]):
             scalars[f"tid/sig_{who}_mean"] = v / total
         storage.put_scalars(**scalars, smoothing_hint=True)

@@ -129,6 +129,20 @@ class DetectorProbe:
         """Teacher side: run backbone and heads (not the losses) so that the hooks fire."""
         raise NotImplementedError
 
+    #: whether a teacher of this family may have its outputs cached per image
+    #: (:mod:`.teacher_cache`): only when they depend on nothing but the image
+    cacheable = False
+
+    def cached_outputs(self):
+        """What :meth:`significance` and the imitation read from the last :meth:`run`, as a
+        structure of batched tensors (dim 0 = image) for :mod:`.teacher_cache`."""
+        raise NotImplementedError(f"{type(self).__name__} outputs cannot be cached")
+
+    def restore_outputs(self, outputs, input_shape: Tuple[int, ...]):
+        """Put :meth:`cached_outputs` of a batch back into ``captured`` as if :meth:`run` had
+        run on it (``input_shape``: the batch's (N, 3, H_pad, W_pad))."""
+        raise NotImplementedError(f"{type(self).__name__} outputs cannot be cached")
+
     @torch.no_grad()
     def significance(
         self, gt_instances: List[Instances], image_sizes: List[Tuple[int, int]]
@@ -243,6 +257,20 @@ class RetinaNetProbe(DetectorProbe):
         head_in = [feats[f] for f in self.head_levels]
         self.model.head(head_in)
         self.model.anchor_generator(head_in)
+
+    # a dense head's outputs at a location depend only on the image: cacheable per image
+    cacheable = True
+
+    def cached_outputs(self):
+        """{"features": {level: (N, C, H, W)}, "head": the head's output (lists of (N, K, H, W)
+        per level)}; the anchors depend only on the feature sizes and are regenerated."""
+        return {"features": dict(self.captured["features"]), "head": self.captured["head"]}
+
+    def restore_outputs(self, outputs, input_shape):
+        self.captured["input_shape"] = tuple(input_shape)
+        self.captured["features"] = outputs["features"]
+        self.captured["head"] = outputs["head"]
+        self.model.anchor_generator([outputs["features"][f] for f in self.head_levels])
 
     def _probs(self, head_out) -> List[torch.Tensor]:
         k = self.model.num_classes

@@ -43,6 +43,8 @@ model = L(build_lazy_distiller)(
         teacher=dict(
             config_file="configs/lazy/shapes/fcos_mnv2_teacher.py",
             weights="output/lazy/shapes/fcos_mnv2_teacher/model_final.pth",
+            # the teacher's outputs per image (tid_d2/modeling/teacher_cache.py), as the yaml
+            cache_mb=2048,
         ),
     ),
     student_input_format="${..dataloader.train.mapper.image_format}",
