@@ -18,7 +18,13 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tid_d2.runs import REPO_ROOT, command_line, format_table, write_results  # noqa: E402
+from tid_d2.runs import (  # noqa: E402
+    REPO_ROOT,
+    command_line,
+    format_table,
+    repo_relative,
+    write_results,
+)
 
 
 def level_stats(config, opts, weights, inputs):
@@ -73,7 +79,7 @@ def main(argv=None):
     for run in args.runs:
         stats = level_stats(args.config, args.opts, os.path.join(run, "model_final.pth"), inputs)
         data[run] = stats
-        row = {"run": os.path.relpath(run, REPO_ROOT) if run.startswith(REPO_ROOT) else run}
+        row = {"run": repo_relative(run)}
         row.update({f"{lv} rms / ch std": f"{r:.2f} / {s:.2f}" for lv, (r, s) in stats.items()})
         rows.append(row)
     md = (

@@ -20,7 +20,13 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tid_d2.runs import REPO_ROOT, command_line, format_table, write_results  # noqa: E402
+from tid_d2.runs import (  # noqa: E402
+    REPO_ROOT,
+    command_line,
+    format_table,
+    repo_relative,
+    write_results,
+)
 
 
 def _norm(grads) -> float:
@@ -89,7 +95,7 @@ def main(argv=None):
             det, tid, g_det, g_tid = measure(
                 args.config_file, args.teacher_weights, list(args.opts) + opts, ckpt, args.batches
             )
-            where = "initialisation" if ckpt is None else os.path.relpath(ckpt, REPO_ROOT)
+            where = "initialisation" if ckpt is None else repo_relative(ckpt)
             rec = {
                 "student": where,
                 "setting": name,

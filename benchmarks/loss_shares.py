@@ -25,6 +25,7 @@ from tid_d2.runs import (  # noqa: E402
     command_line,
     format_table,
     read_metrics,
+    repo_relative,
     write_results,
 )
 
@@ -79,7 +80,7 @@ def main(argv=None):
             p.error(f"{run}: no metrics.json (is it a training run's output folder?)")
         last = max(r.get("iteration", 0) for r in records) + 1
         windows = args.window or [(0, 500), (max(0, last - 1000), last)]
-        name = os.path.relpath(run, REPO_ROOT) if run.startswith(REPO_ROOT) else run
+        name = repo_relative(run)
         data[name] = []
         for lo, hi in windows:
             means = window_means(records, lo, hi)

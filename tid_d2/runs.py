@@ -17,6 +17,7 @@ from .modeling.distiller import TID_MODES
 
 __all__ = [
     "REPO_ROOT",
+    "repo_relative",
     "BENCHMARK_MODES",
     "BENCHMARK_FAMILIES",
     "train_net",
@@ -42,6 +43,17 @@ BENCHMARK_MODES = ["none", *(m for m in TID_MODES if m not in ("none", "tid")), 
 BENCHMARK_FAMILIES = ["retinanet", "fcos", "rcnn", "atss", "gfl"]
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def repo_relative(path: str) -> str:
+    """``path`` relative to the repository when it lies inside it (as reports name run folders),
+    else unchanged."""
+    full = os.path.abspath(path)
+    if os.path.commonpath([full, REPO_ROOT]) == REPO_ROOT:
+        return os.path.relpath(full, REPO_ROOT)
+    return path
+
+
 AP_FIELDS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 _PROGRESS = re.compile(r"eta: (\S+)\s+iter: (\d+)\s+total_loss: (\S+)")
 
