@@ -441,6 +441,48 @@ def test_reuse_state_requires_the_same_settings_and_tells_finished_from_resumabl
         reuse_state(out, config, opts + teacher + orth, "tid_shapes_val")
 
 
+def test_reuse_state_ignores_the_hyperparameters_of_other_methods(tmp_path):
+    """One invocation passes TID.PKD.* and TID.FGD.* to every run it makes: a finished run of
+    another mode (the student alone, TID) never reads them and is still the same run, while a pkd
+    run with another TID.PKD.LOSS_WEIGHT is another run (and TID.FGD.* stays inert for it)."""
+    import json
+
+    from tid_d2.config import get_cfg
+    from tid_d2.runs import reuse_state
+
+    config = os.path.join(REPO, "configs", "shapes", "tid_fcos.yaml")
+    method_opts = ["TID.PKD.LOSS_WEIGHT", "0.05", "TID.FGD.LOSS_WEIGHT", "0.005"]
+
+    def saved_run(folder, opts):
+        folder.mkdir()
+        cfg = get_cfg()
+        cfg.merge_from_file(config)
+        cfg.merge_from_list(opts)
+        (folder / "config.yaml").write_text(cfg.dump())
+        (folder / "metrics.json").write_text(  # evaluated at its last iteration: finished
+            json.dumps({"iteration": cfg.SOLVER.MAX_ITER - 1, "tid_shapes_val/bbox/AP": 1.0})
+            + "\n"
+        )
+        return str(folder)
+
+    for mode in ("none", "tid"):
+        out = saved_run(tmp_path / mode, ["TID.MODE", mode])
+        assert reuse_state(out, config, ["TID.MODE", mode, *method_opts], "tid_shapes_val") == (
+            "finished"
+        )
+        with pytest.raises(RuntimeError, match=r"\(TID.LOSS_WEIGHT differ"):
+            reuse_state(out, config, ["TID.MODE", mode, "TID.LOSS_WEIGHT", "0.5"], "tid_shapes_val")
+    pkd = saved_run(tmp_path / "pkd", ["TID.MODE", "pkd", "TID.PKD.LOSS_WEIGHT", "0.05"])
+    assert reuse_state(pkd, config, ["TID.MODE", "pkd", *method_opts], "tid_shapes_val") == (
+        "finished"
+    )
+    with pytest.raises(RuntimeError, match=r"\(TID.PKD.LOSS_WEIGHT differ"):
+        reuse_state(pkd, config, ["TID.MODE", "pkd", "TID.PKD.LOSS_WEIGHT", "1.0"], "tid_shapes_val")
+    # another mode asked for in the same folder is another run, whatever the method keys say
+    with pytest.raises(RuntimeError, match=r"TID.MODE.* differ"):
+        reuse_state(pkd, config, ["TID.MODE", "fgd", *method_opts], "tid_shapes_val")
+
+
 def test_train_net_resumes_or_sets_an_old_runs_metrics_aside(tmp_path, monkeypatch):
     """A fresh run in a used folder must not append to the old run's metrics.json (the readers
     would mix both runs); a resumed run keeps it and passes --resume."""

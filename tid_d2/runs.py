@@ -13,7 +13,7 @@ from typing import Dict, List, Optional, Sequence
 
 import yaml
 
-from .modeling.distiller import TID_MODES
+from .modeling.distiller import TID_MODES, inert_key_groups
 
 __all__ = [
     "REPO_ROOT",
@@ -295,7 +295,8 @@ def reuse_state(
     checkpoint: train afresh).
 
     The run's saved ``config.yaml`` must equal what ``config_file`` + ``opts`` give now (OUTPUT_DIR
-    and :data:`RESULT_NEUTRAL_KEYS` aside; files compared by their real absolute path), so a folder trained with another loss
+    and :data:`RESULT_NEUTRAL_KEYS` aside, and the hyperparameters of methods other than the run's
+    ``TID.MODE``; files compared by their real absolute path), so a folder trained with another loss
     weight, schedule or config file is never taken for this run, however the folder is named.
     Nor is it trained over: a folder holding a finished or checkpointed run with other settings
     raises a RuntimeError naming the keys that differ, and loses nothing.
@@ -314,9 +315,13 @@ def reuse_state(
     # a key added to the project after that run was saved had its default then (new keys default
     # to the old behaviour)
     _fill_missing(have, yaml.safe_load(get_cfg().dump()))
+    # another method's hyperparameters (TID.FGD.* in a pkd or none run, ...) are inert in this
+    # run's mode: passing them to every run of an invocation does not make a finished run another
+    mode = want.get("TID", {}).get("MODE")
+    inert = inert_key_groups(mode) if mode == have.get("TID", {}).get("MODE") else ()
     for cfg in (want, have):
         cfg.pop("OUTPUT_DIR", None)
-        for dotted in RESULT_NEUTRAL_KEYS:
+        for dotted in (*RESULT_NEUTRAL_KEYS, *inert):
             *parents, last = dotted.split(".")
             node = cfg
             for name in parents:

@@ -54,6 +54,7 @@ __all__ = [
     "is_distiller_key",
     "method_loss_weight",
     "loss_weight_key",
+    "inert_key_groups",
 ]
 
 logger = logging.getLogger(__name__)
@@ -71,6 +72,17 @@ def is_distiller_key(key: str) -> bool:
     """Whether a TID checkpoint key belongs to the distiller (adapters, an imitation method's
     modules), not to the student: exports and plain students leave these out."""
     return key.startswith(DISTILLER_KEY_PREFIX)
+
+
+# config subtrees read only by one mode (its own method's hyperparameters): inert in every other
+# mode, so a run of another mode is the same run whatever they hold
+METHOD_KEY_GROUPS = {"pkd": "TID.PKD", "fgd": "TID.FGD"}
+
+
+def inert_key_groups(mode: str) -> Tuple[str, ...]:
+    """The :data:`METHOD_KEY_GROUPS` subtrees that ``mode`` never reads, e.g. ``TID.PKD`` and
+    ``TID.FGD`` for ``tid`` or ``none``, ``TID.FGD`` for ``pkd``."""
+    return tuple(group for owner, group in METHOD_KEY_GROUPS.items() if owner != mode)
 
 
 def loss_weight_key(mode: str) -> str:
