@@ -13,6 +13,8 @@ written under the mode's own key (``TID.LOSS_WEIGHT`` for the SFDM modes, ``TID.
     python benchmarks/lambda_grid.py --family fcos --setting plateau --parallel 2 --reuse
     python benchmarks/lambda_grid.py --family fcos --setting plateau --variants pkd --grid 3 10 30
     python benchmarks/lambda_grid.py --family fcos --variants fitnet tid --train-weights 0.003
+    python benchmarks/lambda_grid.py --family fcos --setting standard --variants pkd fgd \
+        --grid-for pkd 0.015 0.05 0.15 --grid-for fgd 0.0015 0.005 0.015
 """
 
 import argparse
@@ -65,9 +67,29 @@ GRIDS = {
 DEFAULT_VARIANTS = ["fitnet", "gt_mask", "pkd", "fgd", *EXTRA_VARIANTS, "tid"]
 
 
-def grid_of(variant, override):
+def grid_of(variant, override, per_variant=None):
+    """The loss weights tried for ``variant``: its ``--grid-for`` list, else ``--grid``
+    (``override``), else the default grid of its mode's loss-weight key."""
+    if per_variant and variant in per_variant:
+        return list(per_variant[variant])
     mode = EXTRA_VARIANTS.get(variant, (variant, []))[0]
     return list(override) if override else GRIDS[loss_weight_key(mode)]
+
+
+def variant_grids(grid_for, variants):
+    """{variant: [weights]} of the ``--grid-for VARIANT W [W ...]`` lists; a ValueError for a
+    variant not in ``variants``, a weight that is not a number, or a list without weights."""
+    out = {}
+    for variant, *weights in grid_for:
+        if variant not in variants:
+            raise ValueError(f"--grid-for {variant}: not among --variants ({' '.join(variants)})")
+        if not weights:
+            raise ValueError(f"--grid-for {variant}: give at least one loss weight")
+        try:
+            out[variant] = [float(w) for w in weights]
+        except ValueError:
+            raise ValueError(f"--grid-for {variant}: loss weights must be numbers, got {weights}")
+    return out
 
 
 def grid_run(args, variant, weight, teacher):
@@ -122,6 +144,15 @@ def main(argv=None):
     p.add_argument("--variants", nargs="*", default=DEFAULT_VARIANTS, choices=VARIANTS)
     p.add_argument("--grid", nargs="*", type=float, default=None, help="override every grid")
     p.add_argument(
+        "--grid-for",
+        nargs="+",
+        action="append",
+        default=[],
+        metavar=("VARIANT", "WEIGHT"),
+        help="override one variant's grid (repeatable), e.g. --grid-for pkd 0.015 0.05 0.15 "
+        "--grid-for fgd 0.0015 0.005 0.015: methods whose weights differ by 10x share one run",
+    )
+    p.add_argument(
         "--train-weights",
         nargs="*",
         type=float,
@@ -147,6 +178,10 @@ def main(argv=None):
     args.output = args.output or grid_root(bench_output)
     if "none" in args.variants:
         p.error("the student alone has no loss weight to choose")
+    try:
+        args.grids = variant_grids(args.grid_for, args.variants)
+    except ValueError as e:
+        p.error(str(e))
 
     from tid_d2.data import ensure_generated
 
@@ -162,7 +197,7 @@ def main(argv=None):
             "--modes none --seeds 0` (which also trains the student alone at seed 0)"
         )
     start = time.time()
-    points = [(v, w) for v in args.variants for w in grid_of(v, args.grid)]
+    points = [(v, w) for v in args.variants for w in grid_of(v, args.grid, args.grids)]
     runs = {pt: grid_run(args, *pt, teacher) for pt in points}
 
     def train(pt):
@@ -189,7 +224,7 @@ def main(argv=None):
 
     rows, chosen, grid = [], {}, {}
     for variant in args.variants:
-        weights = grid_of(variant, args.grid)
+        weights = grid_of(variant, args.grid, args.grids)
         got = {w: val[(variant, w)] for w in weights if (variant, w) in val}
         grid[variant] = {f"{w:g}": ap for w, ap in got.items()}
         complete = len(got) == len(weights)

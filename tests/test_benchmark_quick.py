@@ -518,3 +518,23 @@ def test_loss_shares_reads_per_level_imitation_from_the_training_log(tmp_path):
     assert row in (tmp_path / "ls.md").read_text()
     with pytest.raises(SystemExit):  # a folder without a training log is an error, not a table
         script.main([str(tmp_path / "missing"), "--results", str(tmp_path)])
+
+
+def test_lambda_grid_takes_a_grid_per_variant():
+    """``--grid-for pkd ... --grid-for fgd ...`` gives each method its own weights in one
+    invocation (PKD's and FGD's strength-matched weights differ by 10x); the others keep --grid or
+    their key's default; a variant not asked for, or a list without numbers, is refused."""
+    grid = _benchmark_script("lambda_grid")
+    per = grid.variant_grids([["pkd", "0.015", "0.05"], ["fgd", "0.005"]], ["pkd", "fgd", "tid"])
+    assert per == {"pkd": [0.015, 0.05], "fgd": [0.005]}
+    assert grid.grid_of("pkd", None, per) == [0.015, 0.05]
+    assert grid.grid_of("fgd", [1.0], per) == [0.005]
+    assert grid.grid_of("tid", [1.0], per) == [1.0]
+    assert grid.grid_of("tid", None, per) == grid.GRIDS["TID.LOSS_WEIGHT"]
+    for bad, match in (
+        ([["fitnet", "0.1"]], "not among --variants"),
+        ([["pkd"]], "at least one"),
+        ([["pkd", "x"]], "must be numbers"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            grid.variant_grids(bad, ["pkd", "fgd"])
