@@ -13,7 +13,7 @@ written under the mode's own key (``TID.LOSS_WEIGHT`` for the SFDM modes, ``TID.
     python benchmarks/lambda_grid.py --family fcos --setting plateau --parallel 2 --reuse
     python benchmarks/lambda_grid.py --family fcos --setting plateau --variants pkd --grid 3 10 30
     python benchmarks/lambda_grid.py --family fcos --variants fitnet tid --train-weights 0.003
-    python benchmarks/lambda_grid.py --family fcos --setting standard --variants pkd fgd \
+    python benchmarks/lambda_grid.py --family fcos --setting standard --variants pkd fgd \\
         --grid-for pkd 0.015 0.05 0.15 --grid-for fgd 0.0015 0.005 0.015
 """
 
@@ -88,7 +88,9 @@ def variant_grids(grid_for, variants):
         try:
             out[variant] = [float(w) for w in weights]
         except ValueError:
-            raise ValueError(f"--grid-for {variant}: loss weights must be numbers, got {weights}")
+            raise ValueError(
+                f"--grid-for {variant}: loss weights must be numbers, got {weights}"
+            ) from None
     return out
 
 

@@ -61,8 +61,10 @@ logger = logging.getLogger(__name__)
 
 TID_MODES = ("tid", "fitnet", "gt_mask", "cls_only", "reg_only", "no_ldam", "pkd", "fgd", "none")
 _SIG_MODES = ("tid", "cls_only", "reg_only", "no_ldam")
-# modes with a loss of their own (not SFDM's region loss), and their own loss-weight keys
-_OWN_LOSS_MODES = ("pkd", "fgd")
+# modes with a loss of their own (not SFDM's region loss) and the config subtree of each one's
+# hyperparameters (its own LOSS_WEIGHT included): read by that mode only, inert in every other, so
+# a run of another mode is the same run whatever they hold
+METHOD_KEY_GROUPS = {"pkd": "TID.PKD", "fgd": "TID.FGD"}
 _STUDENT = "student."
 # state_dict keys of what the distiller trains besides the student (adapters, GcBlocks, ...)
 DISTILLER_KEY_PREFIX = "tid_"
@@ -74,11 +76,6 @@ def is_distiller_key(key: str) -> bool:
     return key.startswith(DISTILLER_KEY_PREFIX)
 
 
-# config subtrees read only by one mode (its own method's hyperparameters): inert in every other
-# mode, so a run of another mode is the same run whatever they hold
-METHOD_KEY_GROUPS = {"pkd": "TID.PKD", "fgd": "TID.FGD"}
-
-
 def inert_key_groups(mode: str) -> Tuple[str, ...]:
     """The :data:`METHOD_KEY_GROUPS` subtrees that ``mode`` never reads, e.g. ``TID.PKD`` and
     ``TID.FGD`` for ``tid`` or ``none``, ``TID.FGD`` for ``pkd``."""
@@ -87,7 +84,7 @@ def inert_key_groups(mode: str) -> Tuple[str, ...]:
 
 def loss_weight_key(mode: str) -> str:
     """The config key of lambda in ``mode``: each method has its own (see method_loss_weight)."""
-    return {"pkd": "TID.PKD.LOSS_WEIGHT", "fgd": "TID.FGD.LOSS_WEIGHT"}.get(mode, "TID.LOSS_WEIGHT")
+    return f"{METHOD_KEY_GROUPS.get(mode, 'TID')}.LOSS_WEIGHT"
 
 
 def method_loss_weight(cfg) -> float:
@@ -153,7 +150,7 @@ def validate_tid_cfg(cfg) -> None:
         )
     if tid.FGD.LOSS_WEIGHT < 0:
         raise ValueError("TID.FGD.LOSS_WEIGHT must be >= 0")
-    if tid.MODE in _OWN_LOSS_MODES and tid.FEATURE_NORM != "none":
+    if tid.MODE in METHOD_KEY_GROUPS and tid.FEATURE_NORM != "none":
         raise ValueError(
             f"TID.FEATURE_NORM {tid.FEATURE_NORM!r} applies to the SFDM modes; TID.MODE "
             f"{tid.MODE!r} has its own normalisation: set TID.FEATURE_NORM none"
