@@ -14,7 +14,8 @@ written under the mode's own key (``TID.LOSS_WEIGHT`` for the SFDM modes, ``TID.
     python benchmarks/lambda_grid.py --family fcos --setting plateau --variants pkd --grid 3 10 30
     python benchmarks/lambda_grid.py --family fcos --variants fitnet tid --train-weights 0.003
     python benchmarks/lambda_grid.py --family fcos --setting standard --variants pkd fgd \\
-        --grid-for pkd 0.015 0.05 0.15 --grid-for fgd 0.0015 0.005 0.015
+        --grid-for pkd 0.015 0.05 0.15 --grid-for fgd 0.0015 0.005 0.015 \\
+        --alone-from benchmarks/results/fcos_amd_none_runs.json
 """
 
 import argparse
@@ -137,6 +138,31 @@ def finished_point(run, iters):
     return None
 
 
+def student_alone_val_ap(run_dir, record=None, family=None, iters=None):
+    """Val AP of the student alone at seed 0: from its run folder ``run_dir`` when it finished
+    there, else from ``record`` (a ``run_benchmark.py`` ``*_runs.json``, whose (none, seed 0)
+    entry must be of ``family`` and ``iters`` iterations), else None; with where it came from
+    (``run_dir`` relative to the repository, or the record's file name). The grid's points are compared with it in the
+    report; it takes no part in the choice."""
+    try:
+        return final_ap(run_dir, VAL)["AP"], os.path.relpath(run_dir, REPO_ROOT)
+    except RuntimeError:
+        pass
+    if record is None:
+        return None, None
+    with open(record) as f:
+        runs = json.load(f)["runs"]
+    for r in runs:
+        if r["mode"] == "none" and r["seed"] == 0:
+            if r["family"] != family or r["iterations"] != iters:
+                raise ValueError(
+                    f"--alone-from {record}: its student alone is a {r['family']} run of "
+                    f"{r['iterations']} iterations, the grid's is {family} at {iters}"
+                )
+            return r["val_AP"], os.path.basename(record)
+    raise ValueError(f"--alone-from {record}: no run of the student alone (none) at seed 0")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -173,6 +199,14 @@ def main(argv=None):
     p.add_argument("--bench-output", default=None, help="default: output/<setting folder>")
     p.add_argument("--results", default=os.path.join(REPO_ROOT, "benchmarks", "results"))
     p.add_argument("--config-dir", default=os.path.join(REPO_ROOT, "configs", "shapes"))
+    p.add_argument(
+        "--alone-from",
+        default=None,
+        metavar="RUNS_JSON",
+        help="read the student alone's seed-0 val AP (the report's reference) from this "
+        "run_benchmark.py record when its run folder is not in --bench-output, e.g. one trained "
+        "on another machine of the same kind",
+    )
     args = p.parse_args(argv)
     setting = SETTINGS[args.setting]
     args.iters = args.iters or setting["iters"]
@@ -218,11 +252,15 @@ def main(argv=None):
     for pt in points:
         if finished_point(runs[pt], args.iters) is not None:
             val[pt] = final_ap(runs[pt][1], VAL)["AP"]
-    alone = os.path.join(bench_output, f"{args.family}_none_s0")
     try:
-        alone_ap = final_ap(alone, VAL)["AP"]
-    except RuntimeError:
-        alone_ap = None
+        alone_ap, alone_source = student_alone_val_ap(
+            os.path.join(bench_output, f"{args.family}_none_s0"),
+            args.alone_from,
+            args.family,
+            args.iters,
+        )
+    except ValueError as e:
+        p.error(str(e))
 
     rows, chosen, grid = [], {}, {}
     for variant in args.variants:
@@ -252,7 +290,7 @@ def main(argv=None):
         + format_table(rows, columns)
         + "\n\nEach weight under the variant's own key; '...' = not trained yet. "
         + (
-            f"The student alone (seed 0): val AP {alone_ap:.2f}. "
+            f"The student alone (seed 0): val AP {alone_ap:.2f} ({alone_source}). "
             if alone_ap is not None
             else "The student alone: not finished. "
         )
@@ -276,6 +314,7 @@ def main(argv=None):
             **chosen,
         },
         "student_alone_val_AP": alone_ap,
+        "student_alone_from": alone_source,
         "machine": machine_info(),
         "code": code_version(),
         "command": command_line("benchmarks/lambda_grid.py"),

@@ -538,3 +538,25 @@ def test_lambda_grid_takes_a_grid_per_variant():
     ):
         with pytest.raises(ValueError, match=match):
             grid.variant_grids(bad, ["pkd", "fgd"])
+
+
+def test_lambda_grid_reads_the_student_alone_from_a_record(tmp_path):
+    """The grid's reference (the student alone at seed 0) comes from its run folder, else from a
+    run_benchmark.py record (``--alone-from``), and a record of another family or schedule, or
+    one without that run, is an error rather than a wrong reference."""
+    grid = _benchmark_script("lambda_grid")
+    missing = str(tmp_path / "fcos_none_s0")
+    assert grid.student_alone_val_ap(missing) == (None, None)
+    alone = {"family": "fcos", "mode": "none", "seed": 0, "iterations": 1000, "val_AP": 9.99}
+    other = dict(alone, seed=1, val_AP=10.64)
+    record = tmp_path / "fcos_amd_none_runs.json"
+    record.write_text(json.dumps({"runs": [other, alone]}))
+    got = grid.student_alone_val_ap(missing, str(record), "fcos", 1000)
+    assert got == (9.99, "fcos_amd_none_runs.json")
+    with pytest.raises(ValueError, match="retinanet at 1000"):
+        grid.student_alone_val_ap(missing, str(record), "retinanet", 1000)
+    with pytest.raises(ValueError, match="6000"):
+        grid.student_alone_val_ap(missing, str(record), "fcos", 6000)
+    record.write_text(json.dumps({"runs": [other]}))
+    with pytest.raises(ValueError, match="no run of the student alone"):
+        grid.student_alone_val_ap(missing, str(record), "fcos", 1000)
