@@ -142,8 +142,8 @@ def student_alone_val_ap(run_dir, record=None, family=None, iters=None):
     """Val AP of the student alone at seed 0: from its run folder ``run_dir`` when it finished
     there, else from ``record`` (a ``run_benchmark.py`` ``*_runs.json``, whose (none, seed 0)
     entry must be of ``family`` and ``iters`` iterations), else None; with where it came from
-    (``run_dir`` relative to the repository, or the record's file name). The grid's points are compared with it in the
-    report; it takes no part in the choice."""
+    (``run_dir`` relative to the repository, or the record's file name). The grid's points are
+    compared with it in the report; it takes no part in the choice."""
     try:
         return final_ap(run_dir, VAL)["AP"], os.path.relpath(run_dir, REPO_ROOT)
     except RuntimeError:
