@@ -560,3 +560,46 @@ def test_lambda_grid_reads_the_student_alone_from_a_record(tmp_path):
     record.write_text(json.dumps({"runs": [other]}))
     with pytest.raises(ValueError, match="no run of the student alone"):
         grid.student_alone_val_ap(missing, str(record), "fcos", 1000)
+
+
+def test_paired_pools_pairs_across_machine_kinds_hand_computed():
+    """benchmarks/paired.py: pairs are taken inside each runs file (its own student alone of the
+    same seed), pooled over files of different kinds, and a run copied into two files (as
+    ``--merge`` does) counts once."""
+    paired = _benchmark_script("paired")
+
+    def rec(mode, seed, ap, val):
+        return {"family": "gfl", "mode": mode, "seed": seed, "AP": ap, "val_AP": val}
+
+    avx512 = {
+        "teacher_AP": 67.816,
+        "machine": {"cpu": "EPYC", "cpu_capability": "AVX512"},
+        "runs": [rec("none", 0, 20.0, 19.0), rec("cls_only", 0, 23.0, 21.0)],
+    }
+    merged_copy = dict(avx512, runs=list(avx512["runs"]))  # the same runs, merged elsewhere
+    avx2 = {
+        "teacher_AP": 67.828,
+        "machine": {"cpu": "EPYC", "cpu_capability": "AVX2"},
+        "runs": [
+            rec("none", 1, 21.0, 20.0),
+            rec("cls_only", 1, 20.0, 21.0),
+            rec("none", 2, 22.0, 20.0),
+            rec("cls_only", 2, 24.0, 20.0),
+            rec("tid", 3, 30.0, 30.0),  # no student alone of seed 3: no pair
+        ],
+    }
+    pairs = paired.pooled_pairs([avx512, merged_copy, avx2])
+    assert set(pairs) == {"cls_only"}
+    assert [(k, s, d, v) for k, s, d, v in pairs["cls_only"]] == [
+        ("EPYC (AVX512)", 0, 3.0, 2.0),
+        ("EPYC (AVX2)", 1, -1.0, 1.0),
+        ("EPYC (AVX2)", 2, 2.0, 0.0),
+    ]
+    header, _, row = paired.pooled_table(pairs).splitlines()
+    cells = dict(zip(header.strip("| ").split(" | "), row.strip("| ").split(" | ")))
+    assert cells["pairs"] == "3"
+    assert cells["test AP - alone"] == "+1.33 ± 2.08"  # +3, -1, +2: std sqrt(13/3)
+    assert cells["t (test)"] == "+1.11"  # 1.333 / (2.082 / sqrt 3)
+    assert cells["above (test)"] == "2/3"
+    assert cells["val AP - alone"] == "+1.00 ± 1.00" and cells["t (val)"] == "+1.73"
+    assert cells["above (val)"] == "2/3"  # +2, +1, 0: zero is not above
