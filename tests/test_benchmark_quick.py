@@ -50,7 +50,7 @@ def test_benchmark_quick_runs_every_variant(tmp_path):
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     data = json.load(open(tmp_path / "results" / "retinanet_quick_runs.json"))
     assert data["teacher_iterations"] == 3
-    assert set(data["machine"]) == {"cpu", "cpu_count", "torch", "cpu_capability"}
+    assert set(data["machine"]) == {"cpu", "cpu_id", "cpu_count", "torch", "cpu_capability"}
     assert data["code"] == code_version()  # the checkout's commit (None outside git)
     # the recorded command pastes back as the same arguments (TID.TEACHER.OPTS has spaces)
     assert shlex.split(data["command"]) == cmd[1:]

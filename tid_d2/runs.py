@@ -171,20 +171,38 @@ def command_line(script: str) -> str:
 
 
 def machine_info() -> Dict[str, str]:
-    """What the numbers of a run depend on beyond code, data and seed: the CPU model and the
-    kernel set PyTorch dispatches to (float results differ between, e.g., AVX2 and AVX-512
-    kernels), and the torch version. Recorded with benchmark results."""
+    """What the numbers of a run depend on beyond code, data and seed: the CPU model, its
+    family / model / stepping and cache size (``cpu_id``: two machines of one kernel set can still
+    disagree, e.g. the FCOS plateau teacher trained twice on AVX2 AMD EPYC machines, test AP 72.08
+    and 71.71, cause not isolated), the kernel set PyTorch dispatches to (float results differ
+    between, e.g., AVX2 and AVX-512 kernels), and the torch version. Recorded with benchmark
+    results."""
     import platform
 
     import torch
 
-    cpu = platform.processor() or platform.machine()
+    cpu, fields = platform.processor() or platform.machine(), {}
     if os.path.isfile("/proc/cpuinfo"):
         with open("/proc/cpuinfo") as f:
-            names = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")]
-        cpu = names[0] if names else cpu
+            for ln in f:
+                if not ln.strip():
+                    break  # the first processor's block describes the model
+                key, _, value = ln.partition(":")
+                fields[key.strip()] = value.strip()
+        cpu = fields.get("model name", cpu)
+    cpu_id = ", ".join(
+        f"{name} {fields[key]}"
+        for name, key in [
+            ("family", "cpu family"),
+            ("model", "model"),
+            ("stepping", "stepping"),
+            ("cache", "cache size"),
+        ]
+        if key in fields
+    )
     return {
         "cpu": cpu,
+        "cpu_id": cpu_id or "unknown",
         "cpu_count": str(os.cpu_count()),
         "torch": torch.__version__,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
