@@ -10,23 +10,30 @@ so seeds trained on different machine kinds still give one paired mean per varia
     python benchmarks/paired.py benchmarks/results/gfl_ablations_s0_runs.json \
         benchmarks/results/gfl_ablations_avx2_runs.json --name gfl_ablations_pooled
 
-A run that appears in several files (the same teacher AP, CPU kernel set, variant and seed, as
-``--merge`` copies do) counts once. Per variant: the pairs, their mean ± sample std, t = mean /
-(std / sqrt(n)), how many pairs are above zero, for test AP and for val AP, and each pair with
-the kind it was trained on. Nothing is trained or evaluated.
+A variant is its name plus the overrides it was trained with (``fgd TID.FGD.LOSS_WEIGHT 0.005``
+and ``fgd`` at its config's weights are two rows, never one): the record's ``opts``, or for
+records made before runs carried them, the overrides in the command of the invocation that
+trained it (a ``--merge``d record's own file, looked up beside the file that holds it), less the
+keys of other methods, which the run never read. A run that appears in several files (the same
+teacher AP, CPU kernel set, variant, overrides and seed, as ``--merge`` copies do) counts once.
+Per variant: the pairs, their mean ± sample std, t = mean / (std / sqrt(n)), how many pairs are
+above zero, for test AP and for val AP, and each pair with the kind it was trained on. Nothing is
+trained or evaluated.
 """
 
 import argparse
 import json
 import math
 import os
+import shlex
 import statistics
 import sys
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from run_benchmark import VARIANTS  # noqa: E402  (this script's own folder)
+from run_benchmark import VARIANTS, build_parser  # noqa: E402  (this script's own folder)
+from tid_d2.modeling.distiller import inert_key_groups  # noqa: E402
 from tid_d2.runs import fmt_mean_std, format_table  # noqa: E402
 
 Pair = Tuple[str, int, float, float]  # (kind, seed, test AP difference, val AP difference)
@@ -40,12 +47,43 @@ def kind_of(data: Dict) -> str:
     return f"{cpu} ({cap})" if cap else cpu
 
 
-def pooled_pairs(files: Sequence[Dict]) -> Dict[str, List[Pair]]:
-    """variant -> [(kind, seed, AP - alone, val AP - alone)], each pair taken inside one file
-    (the student alone of the same seed in that file), a run found in several files once."""
+def trained_opts(run: Dict, data: Dict, folder: Optional[str], depth: int = 0) -> List[str]:
+    """The KEY VALUE overrides ``run`` (a record of the runs file ``data``, which lies in
+    ``folder``) was trained with: its ``opts``; for an older record, the command's overrides of
+    the invocation that trained it (a merged record's own file, when it is in ``folder``)."""
+    if "opts" in run:
+        return list(run["opts"])
+    source = run.get("merged_from")
+    if source and folder and depth < 8 and os.path.isfile(os.path.join(folder, source)):
+        with open(os.path.join(folder, source)) as f:
+            origin = json.load(f)
+        for r in origin["runs"]:
+            if (r["mode"], r["seed"]) == (run["mode"], run["seed"]):
+                return trained_opts(r, origin, folder, depth + 1)
+    if not data.get("command"):
+        return []
+    return build_parser().parse_args(shlex.split(data["command"])[1:]).opts
+
+
+def variant_label(run: Dict, opts: Sequence[str]) -> str:
+    """``mode`` plus the overrides it reads, e.g. "fgd TID.FGD.LOSS_WEIGHT 0.005"; the variant's
+    own options beyond TID.MODE (``variant_opts``) come first."""
+    vopts = run.get("variant_opts") or ["TID.MODE", run["mode"]]
+    inert = inert_key_groups(vopts[1])
+    pairs = list(zip(vopts[2::2], vopts[3::2])) + list(zip(opts[::2], opts[1::2]))
+    kept = [f"{k} {v}" for k, v in pairs if not any(k.startswith(g + ".") for g in inert)]
+    return " ".join([run["mode"], *kept])
+
+
+def pooled_pairs(
+    files: Sequence[Dict], folders: Optional[Sequence[Optional[str]]] = None
+) -> Dict[str, List[Pair]]:
+    """variant label -> [(kind, seed, AP - alone, val AP - alone)], each pair taken inside one
+    file (the student alone of the same seed in that file), a run found in several files once;
+    ``folders[i]``: where ``files[i]`` lies (to read the records merged into it)."""
     seen = set()
     out: Dict[str, List[Pair]] = {}
-    for data in files:
+    for data, folder in zip(files, folders or [None] * len(files)):
         kind = kind_of(data)
         teacher = round(float(data["teacher_AP"]), 4)
         runs = data["runs"]
@@ -53,12 +91,13 @@ def pooled_pairs(files: Sequence[Dict]) -> Dict[str, List[Pair]]:
         for r in runs:
             if r["mode"] == "none" or r["seed"] not in alone:
                 continue
-            key = (teacher, kind, r["mode"], r["seed"])
+            label = variant_label(r, trained_opts(r, data, folder))
+            key = (teacher, kind, label, r["seed"])
             if key in seen:
                 continue
             seen.add(key)
             base = alone[r["seed"]]
-            out.setdefault(r["mode"], []).append(
+            out.setdefault(label, []).append(
                 (kind, r["seed"], r["AP"] - base["AP"], r["val_AP"] - base["val_AP"])
             )
     return out
@@ -80,14 +119,13 @@ def describe(diffs: Sequence[float]) -> Dict[str, str]:
 def pooled_table(pairs: Dict[str, List[Pair]]) -> str:
     """Markdown: one row per variant (benchmark order), test and val paired differences."""
     rows = []
-    for mode in VARIANTS:
-        ps = pairs.get(mode)
-        if not ps:
-            continue
+    order = {v: i for i, v in enumerate(VARIANTS)}
+    for label in sorted(pairs, key=lambda lb: (order.get(lb.split()[0], len(order)), lb)):
+        ps = pairs[label]
         test, val = describe([p[2] for p in ps]), describe([p[3] for p in ps])
         rows.append(
             {
-                "variant": mode,
+                "variant": label,
                 "pairs": len(ps),
                 "test AP - alone": test["mean ± std"],
                 "t (test)": test["t"],
@@ -132,7 +170,8 @@ def main(argv=None) -> str:
     families = {r["family"] for data in files for r in data["runs"] if "family" in r}
     if len(families) > 1:
         p.error(f"the files hold runs of several families ({sorted(families)}); pool one family")
-    text = pooled_table(pooled_pairs(files))
+    folders = [os.path.dirname(os.path.abspath(path)) for path in args.files]
+    text = pooled_table(pooled_pairs(files, folders))
     print(text)
     if args.name:
         cmd = "python benchmarks/paired.py " + " ".join(args.files) + f" --name {args.name}"

@@ -192,6 +192,9 @@ def _run_variant(args, fam, mode, seed, teacher_weights, out_root, extra, thread
     )
     record = {"family": fam, "mode": mode, "seed": seed, "iterations": args.iters, "wall_s": secs}
     record["variant_opts"] = variant_opts(mode, getattr(args, "loss_weights", None))
+    # the invocation's KEY VALUE overrides (e.g. TID.FGD.LOSS_WEIGHT 0.005): a record merged into
+    # another table, or pooled by paired.py, keeps the settings it was trained with
+    record["opts"] = list(extra)
     record["resumed"] = state == "resumable"
     record["lambda_grid_run"] = os.path.dirname(out) == grid_root(out_root)
     record.update({f: v for f, v in final_ap(out, TEST).items()})
@@ -355,7 +358,8 @@ def plots(records, fam, out_dir, stem=None):
     return ap_png, curve_png
 
 
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
+    """This script's command line (also read back by ``paired.py`` from a record's command)."""
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -437,6 +441,11 @@ def main(argv=None):
     )
     p.add_argument("--quick", action="store_true", help="every variant, 1 seed, a few iterations")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides for every run")
+    return p
+
+
+def main(argv=None):
+    p = build_parser()
     args = p.parse_args(argv)
     setting = SETTINGS[args.setting]
     if args.iters is None:

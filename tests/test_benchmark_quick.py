@@ -603,3 +603,42 @@ def test_paired_pools_pairs_across_machine_kinds_hand_computed():
     assert cells["above (test)"] == "2/3"
     assert cells["val AP - alone"] == "+1.00 ± 1.00" and cells["t (val)"] == "+1.73"
     assert cells["above (val)"] == "2/3"  # +2, +1, 0: zero is not above
+
+
+def test_paired_keeps_variants_trained_with_other_overrides_apart(tmp_path):
+    """benchmarks/paired.py: fgd at TID.FGD.LOSS_WEIGHT 0.005 and fgd at its config's weight are
+    two variants; the overrides come from a record's ``opts``, else from the command of the file
+    that trained it (a merged record's own file, read beside the one that holds it), and keys of
+    other methods (TID.PKD.* in an fgd run) do not split a variant."""
+    paired = _benchmark_script("paired")
+
+    def rec(mode, seed, ap, **extra):
+        return {"family": "gfl", "mode": mode, "seed": seed, "AP": ap, "val_AP": ap, **extra}
+
+    machine = {"cpu": "EPYC", "cpu_capability": "AVX2"}
+    weighted = {
+        "teacher_AP": 60.0,
+        "machine": machine,
+        "command": "benchmarks/run_benchmark.py --family gfl --modes none fgd --seeds 0 --reuse "
+        "TID.PKD.LOSS_WEIGHT 0.05 TID.FGD.LOSS_WEIGHT 0.005",
+        "runs": [rec("none", 0, 20.0), rec("fgd", 0, 21.0)],
+    }
+    (tmp_path / "weighted_runs.json").write_text(json.dumps(weighted))
+    holder = {
+        "teacher_AP": 60.0,
+        "machine": machine,
+        "command": "benchmarks/run_benchmark.py --family gfl --modes fgd --seeds 1 "
+        "--merge weighted_runs.json",
+        "runs": [
+            rec("none", 0, 20.0, merged_from="weighted_runs.json"),
+            rec("fgd", 0, 21.0, merged_from="weighted_runs.json"),  # its file's overrides
+            rec("none", 1, 18.0, opts=[]),
+            rec("fgd", 1, 26.0, opts=[]),  # the config's FGD weights
+        ],
+    }
+    pairs = paired.pooled_pairs([weighted, holder], [str(tmp_path)] * 2)
+    assert set(pairs) == {"fgd TID.FGD.LOSS_WEIGHT 0.005", "fgd"}
+    assert [p[1:3] for p in pairs["fgd TID.FGD.LOSS_WEIGHT 0.005"]] == [(0, 1.0)]  # once
+    assert [p[1:3] for p in pairs["fgd"]] == [(1, 8.0)]
+    rows = paired.pooled_table(pairs).splitlines()[2:]
+    assert [r.split(" | ")[0].strip("| ") for r in rows] == ["fgd", "fgd TID.FGD.LOSS_WEIGHT 0.005"]
