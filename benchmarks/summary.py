@@ -1,8 +1,10 @@
 #!/usr/bin/env python
 """One table across detector families, built from committed ``<stem>_runs.json`` files.
 
-Each argument is ``LABEL=PATH`` (a family's runs file written by ``run_benchmark.py``). Per
-family: the teacher's test AP, each variant's test AP as mean ± sample std over its seeds (with
+Each argument is ``LABEL=PATH`` (a family's runs file written by ``run_benchmark.py``), or
+``LABEL=PATH+PATH...`` to pool several runs files of one teacher into one row (same teacher test
+AP and CPU kernel set, as ``run_benchmark.py --merge`` requires; a (variant, seed) found in two
+files must be the same run, and one variant's seeds must share their overrides). Per family: the teacher's test AP, each variant's test AP as mean ± sample std over its seeds (with
 the seed count where it differs from the student alone's), and TID minus the student alone
 paired by seed. Nothing is trained or evaluated; the numbers are the files' own.
 
@@ -66,6 +68,43 @@ def summary_table(families: Sequence[Tuple[str, Dict]]) -> str:
     return format_table(rows, cols)
 
 
+def pooled(datas: Sequence[Dict], names: Sequence[str]) -> Dict:
+    """The records of several runs files of one teacher as one runs file's contents.
+
+    Raises ValueError when the files' teachers or CPU kernel sets differ, when a (variant, seed)
+    is in two files with different results, or when one variant's seeds were trained with
+    different overrides (records without ``opts`` predate it and match any)."""
+    first = datas[0]
+    cap = (first.get("machine") or {}).get("cpu_capability")
+    runs: Dict[Tuple[str, int], Dict] = {}
+    opts_of: Dict[str, Tuple[str, list]] = {}
+    for data, name in zip(datas, names):
+        if data["teacher_AP"] != first["teacher_AP"]:
+            raise ValueError(
+                f"{name}: teacher test AP {data['teacher_AP']} is not {names[0]}'s "
+                f"{first['teacher_AP']}: runs of different teachers do not pool into one row"
+            )
+        if (data.get("machine") or {}).get("cpu_capability") != cap:
+            raise ValueError(f"{name}: trained on another CPU kernel set than {names[0]}")
+        for r in data["runs"]:
+            key = (r["mode"], r["seed"])
+            if key in runs and runs[key]["AP"] != r["AP"]:
+                raise ValueError(
+                    f"{name}: {r['mode']} seed {r['seed']} is a different run from the one in an "
+                    "earlier file (its AP differs): pass only one of the two"
+                )
+            opts = r.get("opts")
+            if opts is not None:
+                seen = opts_of.setdefault(r["mode"], (name, list(opts)))
+                if seen[1] != list(opts):
+                    raise ValueError(
+                        f"{name}: {r['mode']} seed {r['seed']} was trained with {list(opts)}, "
+                        f"{seen[0]}'s with {seen[1]}: one row holds one setting per variant"
+                    )
+            runs.setdefault(key, r)
+    return {**first, "runs": list(runs.values())}
+
+
 def main(argv=None) -> str:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -74,14 +113,20 @@ def main(argv=None) -> str:
     args = p.parse_args(argv)
     families = []
     for item in args.families:
-        label, sep, path = item.partition("=")
-        if not sep or not label or not path:
+        label, sep, paths = item.partition("=")
+        if not sep or not label or not paths:
             p.error(f"{item!r}: expected LABEL=PATH, e.g. FCOS=benchmarks/results/fcos_runs.json")
+        datas = []
+        for path in paths.split("+"):
+            try:
+                with open(path) as f:
+                    datas.append(json.load(f))
+            except (OSError, ValueError) as e:
+                p.error(f"{path}: {e}")
         try:
-            with open(path) as f:
-                families.append((label, json.load(f)))
-        except (OSError, ValueError) as e:
-            p.error(f"{path}: {e}")
+            families.append((label, pooled(datas, paths.split("+"))))
+        except ValueError as e:
+            p.error(str(e))
     text = summary_table(families)
     print(text)
     return text

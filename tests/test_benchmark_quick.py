@@ -381,6 +381,52 @@ def test_summary_table_one_row_per_family_hand_computed():
     assert cells["TID - alone"] == "+2.00 ± 1.41"  # paired +1, +3
 
 
+def test_summary_pools_runs_files_of_one_teacher_and_refuses_mixtures():
+    """summary.py LABEL=A+B: one row from several files of the same teacher; a copy of a run in
+    both files counts once; another teacher, another run under the same (variant, seed), or one
+    variant trained with different overrides is refused with a message."""
+    import pytest
+
+    summary = _benchmark_script("summary")
+
+    def rec(mode, seed, ap, opts=None):
+        r = {"mode": mode, "seed": seed, "AP": ap}
+        if opts is not None:
+            r["opts"] = opts
+        return r
+
+    machine = {"cpu_capability": "AVX2"}
+    a = {
+        "teacher_AP": 60.0,
+        "machine": machine,
+        "runs": [rec("none", 0, 10.0), rec("tid", 0, 11.0)],
+    }
+    b = {
+        "teacher_AP": 60.0,
+        "machine": machine,
+        "runs": [rec("none", 0, 10.0), rec("none", 1, 14.0), rec("tid", 1, 17.0, [])],
+    }
+    data = summary.pooled([a, b], ["a", "b"])
+    assert sorted((r["mode"], r["seed"]) for r in data["runs"]) == [
+        ("none", 0),
+        ("none", 1),
+        ("tid", 0),
+        ("tid", 1),
+    ]
+    header, _, row = summary.summary_table([("Fam", data)]).splitlines()
+    cells = dict(zip(header.strip("| ").split(" | "), row.strip("| ").split(" | ")))
+    assert cells["student alone"] == "12.00 ± 2.83" and cells["TID - alone"] == "+2.00 ± 1.41"
+    other_teacher = {**b, "teacher_AP": 61.0}
+    with pytest.raises(ValueError, match="teacher test AP"):
+        summary.pooled([a, other_teacher], ["a", "c"])
+    other_run = {**b, "runs": [rec("none", 0, 9.0)]}
+    with pytest.raises(ValueError, match="different run"):
+        summary.pooled([a, other_run], ["a", "d"])
+    mixed = {**b, "runs": [rec("tid", 2, 15.0, ["TID.LOSS_WEIGHT", "0.1"])]}
+    with pytest.raises(ValueError, match="one setting per variant"):
+        summary.pooled([b, mixed], ["b", "e"])
+
+
 def test_variants_settings_and_val_chosen_loss_weights(tmp_path):
     """A table's variants are the TID.MODE values plus TID with one option changed; a loss weight
     chosen on val (benchmarks/lambda_grid.py's file) reaches the variant's run under its mode's
