@@ -435,6 +435,7 @@ def test_variants_settings_and_val_chosen_loss_weights(tmp_path):
 
     from tid_d2.config import get_cfg
     from tid_d2.modeling.distiller import validate_tid_cfg
+    from tid_d2.runs import BENCHMARK_FAMILIES
 
     bench = _benchmark_script("run_benchmark")
     assert bench.VARIANTS[0] == "none" and bench.VARIANTS[-1] == "tid"
@@ -465,12 +466,22 @@ def test_variants_settings_and_val_chosen_loss_weights(tmp_path):
             config_dir=os.path.join(REPO, "configs", "shapes"),
             loss_weights=weights,
         )
-        for variant in bench.VARIANTS:
-            _, config, opts = bench._variant_run(args, "fcos", variant, 0, "t.pth", "/o", [])
-            cfg = get_cfg()
-            cfg.merge_from_file(config)
-            cfg.merge_from_list(opts)
-            validate_tid_cfg(cfg)
+        # the plateau setting has configs for FCOS and RetinaNet, the standard one for every family
+        families = ("fcos", "retinanet") if setting == "plateau" else BENCHMARK_FAMILIES
+        for fam in families:
+            teacher = get_cfg()
+            teacher.merge_from_file(
+                os.path.join(
+                    args.config_dir, bench.SETTINGS[setting]["teacher_config"].format(fam=fam)
+                )
+            )
+            for variant in bench.VARIANTS:
+                _, config, opts = bench._variant_run(args, fam, variant, 0, "t.pth", "/o", [])
+                cfg = get_cfg()
+                cfg.merge_from_file(config)
+                cfg.merge_from_list(opts)
+                validate_tid_cfg(cfg)
+                assert cfg.TID.STUDENT_META_ARCHITECTURE == teacher.MODEL.META_ARCHITECTURE
 
 
 def test_the_chosen_lambda_grid_point_is_the_benchmarks_first_seed_run(tmp_path):
