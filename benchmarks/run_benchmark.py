@@ -395,7 +395,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="val evaluation period (first seed; default: the setting's)",
     )
     p.add_argument(
-        "--parallel", type=int, default=1, help="runs at once (each gets cores/parallel threads)"
+        "--parallel",
+        type=int,
+        default=1,
+        help="runs at once (each gets cores/parallel threads). Two invocations side by side "
+        "must each have --parallel 2 (or more): at --parallel 1 each takes every core and their "
+        "threads contend (measured: about 30x slower, 2 cores)",
     )
     p.add_argument("--workers", type=int, default=2, help="data-loader workers per run")
     p.add_argument(
