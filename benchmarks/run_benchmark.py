@@ -400,7 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         help="runs at once (each gets cores/parallel threads). Two invocations side by side "
         "must each have --parallel 2 (or more): at --parallel 1 each takes every core and their "
-        "threads contend (measured: about 30x slower, 2 cores)",
+        "threads contend (seen: about 15x slower on 2 cores)",
     )
     p.add_argument("--workers", type=int, default=2, help="data-loader workers per run")
     p.add_argument(
