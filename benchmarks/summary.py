@@ -2,10 +2,11 @@
 """One table across detector families, built from committed ``<stem>_runs.json`` files.
 
 Each argument is ``LABEL=PATH`` (a family's runs file written by ``run_benchmark.py``), or
-``LABEL=PATH+PATH...`` to pool several runs files of one teacher into one row (same teacher test
-AP and CPU kernel set, as ``run_benchmark.py --merge`` requires; a (variant, seed) found in two
-files must be the same run, and one variant's seeds must share their overrides). Per family: the teacher's test AP, each variant's test AP as mean ± sample std over its seeds (with
-the seed count where it differs from the student alone's), and TID minus the student alone
+``LABEL=PATH+PATH...`` to pool several runs files of one teacher into one row (the same teacher
+test AP, as ``run_benchmark.py --merge`` requires, and the same CPU kernel set; a (variant, seed)
+found in two files must be the same run, and one variant's seeds must share their overrides).
+Per family: the teacher's test AP, each variant's test AP as mean ± sample std over its seeds
+(with the seed count where it differs from the student alone's), and TID minus the student alone
 paired by seed. Nothing is trained or evaluated; the numbers are the files' own.
 
     python benchmarks/summary.py RetinaNet=benchmarks/results/retinanet_runs.json \
@@ -116,15 +117,15 @@ def main(argv=None) -> str:
         label, sep, paths = item.partition("=")
         if not sep or not label or not paths:
             p.error(f"{item!r}: expected LABEL=PATH, e.g. FCOS=benchmarks/results/fcos_runs.json")
-        datas = []
-        for path in paths.split("+"):
+        names, datas = paths.split("+"), []
+        for path in names:
             try:
                 with open(path) as f:
                     datas.append(json.load(f))
             except (OSError, ValueError) as e:
                 p.error(f"{path}: {e}")
         try:
-            families.append((label, pooled(datas, paths.split("+"))))
+            families.append((label, pooled(datas, names)))
         except ValueError as e:
             p.error(str(e))
     text = summary_table(families)

@@ -385,8 +385,6 @@ def test_summary_pools_runs_files_of_one_teacher_and_refuses_mixtures():
     """summary.py LABEL=A+B: one row from several files of the same teacher; a copy of a run in
     both files counts once; another teacher, another run under the same (variant, seed), or one
     variant trained with different overrides is refused with a message."""
-    import pytest
-
     summary = _benchmark_script("summary")
 
     def rec(mode, seed, ap, opts=None):
