@@ -219,6 +219,15 @@ def attach_cost(records, cost_rows):
     return records
 
 
+def same_teacher(ap_a, ap_b):
+    """Whether two teacher test APs (of runs files, or a file's and this invocation's) name one
+    cached teacher. A teacher is deterministic given its config, schedule and CPU kernel set, so
+    the same teacher's AP agrees up to the json round trip (1e-6); any larger difference is
+    another teacher, whose students' records do not compare. ``--merge`` and ``summary.py``'s
+    pooling both decide by this rule."""
+    return abs(ap_a - ap_b) <= 1e-6
+
+
 def merge_records(records, paths, fam, iters, teacher_ap, modes=None):
     """Add the records of earlier invocations (their ``<stem>_runs.json`` files, ``paths``) for
     every (variant, seed) this invocation did not run, so one table can gather runs trained in
@@ -234,7 +243,7 @@ def merge_records(records, paths, fam, iters, teacher_ap, modes=None):
     for path in paths:
         with open(path) as f:
             data = json.load(f)
-        if abs(data["teacher_AP"] - teacher_ap) > 1e-6:
+        if not same_teacher(data["teacher_AP"], teacher_ap):
             where = data.get("machine", {})
             where = f" on {where['cpu']} ({where['cpu_capability']})" if where else ""
             raise ValueError(

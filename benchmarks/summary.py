@@ -26,6 +26,7 @@ from run_benchmark import (  # noqa: E402  (this script's own folder)
     MODES,
     VARIANTS,
     paired_with_alone,
+    same_teacher,
 )
 from tid_d2.runs import fmt_mean_std, format_table, mean_std  # noqa: E402
 
@@ -80,7 +81,7 @@ def pooled(datas: Sequence[Dict], names: Sequence[str]) -> Dict:
     runs: Dict[Tuple[str, int], Dict] = {}
     opts_of: Dict[str, Tuple[str, list]] = {}
     for data, name in zip(datas, names):
-        if data["teacher_AP"] != first["teacher_AP"]:
+        if not same_teacher(data["teacher_AP"], first["teacher_AP"]):
             raise ValueError(
                 f"{name}: teacher test AP {data['teacher_AP']} is not {names[0]}'s "
                 f"{first['teacher_AP']}: runs of different teachers do not pool into one row"

@@ -417,6 +417,10 @@ def test_summary_pools_runs_files_of_one_teacher_and_refuses_mixtures():
     other_teacher = {**b, "teacher_AP": 61.0}
     with pytest.raises(ValueError, match="teacher test AP"):
         summary.pooled([a, other_teacher], ["a", "c"])
+    # the teacher rule is --merge's (run_benchmark.same_teacher): json round-off pools, 1e-3 not
+    assert len(summary.pooled([a, {**b, "teacher_AP": 60.0 + 1e-9}], ["a", "b"])["runs"]) == 4
+    with pytest.raises(ValueError, match="teacher test AP"):
+        summary.pooled([a, {**b, "teacher_AP": 60.001}], ["a", "c"])
     other_run = {**b, "runs": [rec("none", 0, 9.0)]}
     with pytest.raises(ValueError, match="different run"):
         summary.pooled([a, other_run], ["a", "d"])
