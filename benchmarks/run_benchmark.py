@@ -30,6 +30,7 @@ Cost (sec/iter, peak memory) is measured separately on identical batches by
 
 import argparse
 import json
+import math
 import os
 import shlex
 import statistics
@@ -224,7 +225,10 @@ def same_teacher(ap_a, ap_b):
     cached teacher. A teacher is deterministic given its config, schedule and CPU kernel set, so
     the same teacher's AP agrees up to the json round trip (1e-6); any larger difference is
     another teacher, whose students' records do not compare. ``--merge`` and ``summary.py``'s
-    pooling both decide by this rule."""
+    pooling both decide by this rule. A teacher with no detections (a ``--quick`` one on some
+    kernel sets) has AP NaN, which two such teachers share: NaN matches NaN and nothing else."""
+    if math.isnan(ap_a) or math.isnan(ap_b):
+        return math.isnan(ap_a) and math.isnan(ap_b)
     return abs(ap_a - ap_b) <= 1e-6
 
 
