@@ -103,6 +103,20 @@ def pooled_pairs(
     return out
 
 
+def mixed_runs(files: Sequence[Dict]) -> Optional[str]:
+    """What makes ``files`` unpoolable, or None: runs of several families, or of several
+    schedules (``iterations``; a 12000-iteration pair is not another seed of a 6000-iteration
+    one, and would otherwise count once with it as a duplicate)."""
+    for key, one, several in (
+        ("family", "family", "families"),
+        ("iterations", "schedule", "schedules (iterations)"),
+    ):
+        values = {r[key] for data in files for r in data["runs"] if key in r}
+        if len(values) > 1:
+            return f"the files hold runs of several {several} ({sorted(values)}); pool one {one}"
+    return None
+
+
 def describe(diffs: Sequence[float]) -> Dict[str, str]:
     """mean ± std, t and the count above zero of paired differences."""
     n = len(diffs)
@@ -167,9 +181,9 @@ def main(argv=None) -> str:
                 files.append(json.load(f))
         except (OSError, ValueError) as e:
             p.error(f"{path}: {e}")
-    families = {r["family"] for data in files for r in data["runs"] if "family" in r}
-    if len(families) > 1:
-        p.error(f"the files hold runs of several families ({sorted(families)}); pool one family")
+    mixed = mixed_runs(files)
+    if mixed:
+        p.error(mixed)
     folders = [os.path.dirname(os.path.abspath(path)) for path in args.files]
     text = pooled_table(pooled_pairs(files, folders))
     print(text)

@@ -682,6 +682,28 @@ def test_paired_pools_pairs_across_machine_kinds_hand_computed():
     assert cells["above (val)"] == "2/3"  # +2, +1, 0: zero is not above
 
 
+def test_paired_refuses_files_of_several_families_or_schedules(tmp_path):
+    """benchmarks/paired.py: a 12000-iteration pair is not another seed of a 6000-iteration one;
+    pooling them is refused with a message that names the schedules, as for families."""
+    paired = _benchmark_script("paired")
+
+    def runs(family, iters):
+        rec = {"family": family, "iterations": iters, "seed": 0, "AP": 1.0, "val_AP": 1.0}
+        return {"teacher_AP": 72.0, "runs": [dict(rec, mode="none"), dict(rec, mode="tid")]}
+
+    assert paired.mixed_runs([runs("fcos", 6000), runs("fcos", 6000)]) is None
+    assert "schedules (iterations) ([6000, 12000])" in paired.mixed_runs(
+        [runs("fcos", 6000), runs("fcos", 12000)]
+    )
+    assert "families (['fcos', 'gfl'])" in paired.mixed_runs(
+        [runs("fcos", 6000), runs("gfl", 6000)]
+    )
+    (tmp_path / "s_runs.json").write_text(json.dumps(runs("fcos", 6000)))
+    (tmp_path / "2s_runs.json").write_text(json.dumps(runs("fcos", 12000)))
+    with pytest.raises(SystemExit):
+        paired.main([str(tmp_path / "s_runs.json"), str(tmp_path / "2s_runs.json")])
+
+
 def test_paired_keeps_variants_trained_with_other_overrides_apart(tmp_path):
     """benchmarks/paired.py: fgd at TID.FGD.LOSS_WEIGHT 0.005 and fgd at its config's weight are
     two variants; the overrides come from a record's ``opts``, else from the command of the file
