@@ -313,6 +313,38 @@ def test_heterogeneous_teacher_student(tmp_path):
     assert all(torch.isfinite(v) for v in losses.values())
 
 
+def test_retinanet_heads_with_group_norm(tmp_path):
+    """The RetinaNet plateau configs put GroupNorm in the head (MODEL.RETINANET.NORM "GN"): a GN
+    student loaded with its GN teacher's weights has L_tid exactly 0 (the significance reads the
+    normalised heads), and a GN student of its own initialisation trains finite."""
+    tcfg = tiny_cfg("RetinaNet", width=32)
+    tcfg.MODEL.RETINANET.NORM = "GN"  # GroupNorm(32, C): C >= 32
+    tpath = write_cfg(tcfg, str(tmp_path / "teacher.yaml"))
+    wpath = save_weights(tcfg, str(tmp_path / "teacher.pth"))
+    cfg = tiny_cfg("RetinaNet", width=32)
+    cfg.MODEL.RETINANET.NORM = "GN"
+    cfg.TID.STUDENT_META_ARCHITECTURE = "RetinaNet"
+    cfg.MODEL.META_ARCHITECTURE = "TIDDistiller"
+    cfg.TID.TEACHER.CONFIG_FILE = tpath
+    cfg.TID.TEACHER.WEIGHTS = wpath
+    cfg.TID.REGION.WEIGHTS = [1.0, 1.0, 1.0]
+    model = build_model(cfg)
+    assert any(isinstance(m, torch.nn.GroupNorm) for m in model.student.head.modules())
+    model.load_state_dict(torch.load(wpath, weights_only=True)["model"])
+    model.train()
+    for m in model.student.modules():  # the teacher runs BN on running statistics
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.eval()
+    with EventStorage(0), torch.no_grad():
+        same = model(random_inputs(2, 64, boxes_per_image=3, seed=5))
+    tid = [k for k in same if k.startswith("loss_tid_")]
+    assert tid and all(same[k].item() == 0.0 for k in tid), {k: same[k].item() for k in tid}
+    torch.manual_seed(0)
+    losses, _ = _train_steps(build_model(cfg), steps=2)
+    assert all(torch.isfinite(v) for v in losses.values())
+    assert sum(losses[k] for k in tid).item() > 0
+
+
 def test_teacher_sees_its_own_format_and_normalisation(tmp_path):
     cfg = tid_cfg(str(tmp_path), "RetinaNet", "tid")
     model = build_model(cfg)
