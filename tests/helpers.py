@@ -28,8 +28,9 @@ def tiny_shapes_env(root, **extra) -> Dict[str, str]:
     )
 
 
-def tiny_cfg(family: str = "RetinaNet", width: int = 16, depth: int = 18):
-    """A CPU-tiny detector config: ResNet-18 (BN, from scratch) + FPN of ``width`` channels."""
+def tiny_cfg(family: str = "RetinaNet", width: int = 16, depth: int = 18, retinanet_norm: str = ""):
+    """A CPU-tiny detector config: ResNet-18 (BN, from scratch) + FPN of ``width`` channels;
+    ``retinanet_norm``: MODEL.RETINANET.NORM ("GN" needs ``width`` >= 32)."""
     cfg = get_cfg()
     cfg.MODEL.DEVICE = "cpu"
     cfg.MODEL.RESNETS.DEPTH = depth
@@ -46,6 +47,7 @@ def tiny_cfg(family: str = "RetinaNet", width: int = 16, depth: int = 18):
         cfg.MODEL.FPN.IN_FEATURES = ["res3", "res4", "res5"]
         cfg.MODEL.RETINANET.NUM_CLASSES = NUM_CLASSES
         cfg.MODEL.RETINANET.NUM_CONVS = 1
+        cfg.MODEL.RETINANET.NORM = retinanet_norm
         cfg.MODEL.FCOS.NUM_CLASSES = NUM_CLASSES
         cfg.MODEL.FCOS.NUM_CONVS = 1
         cfg.MODEL.FCOS.HEAD_NORM = ""
@@ -144,13 +146,14 @@ def tid_cfg(
     teacher_width: int = 32,
     student_width: int = 16,
     teacher_family: str = None,
+    retinanet_norm: str = "",
 ):
     """A TIDDistiller config: tiny student of ``family``; the tiny teacher's config is written
     under ``tmpdir``, its weights are shared by every test (:func:`shared_teacher_weights`)."""
-    tcfg = tiny_cfg(teacher_family or family, width=teacher_width)
+    tcfg = tiny_cfg(teacher_family or family, width=teacher_width, retinanet_norm=retinanet_norm)
     tpath = write_cfg(tcfg, os.path.join(tmpdir, "teacher.yaml"))
     wpath = shared_teacher_weights(tcfg, seed=1)
-    cfg = tiny_cfg(family, width=student_width)
+    cfg = tiny_cfg(family, width=student_width, retinanet_norm=retinanet_norm)
     cfg.TID.STUDENT_META_ARCHITECTURE = cfg.MODEL.META_ARCHITECTURE
     cfg.MODEL.META_ARCHITECTURE = "TIDDistiller"
     cfg.TID.MODE = mode

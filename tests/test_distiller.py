@@ -317,20 +317,11 @@ def test_retinanet_heads_with_group_norm(tmp_path):
     """The RetinaNet plateau configs put GroupNorm in the head (MODEL.RETINANET.NORM "GN"): a GN
     student loaded with its GN teacher's weights has L_tid exactly 0 (the significance reads the
     normalised heads), and a GN student of its own initialisation trains finite."""
-    tcfg = tiny_cfg("RetinaNet", width=32)
-    tcfg.MODEL.RETINANET.NORM = "GN"  # GroupNorm(32, C): C >= 32
-    tpath = write_cfg(tcfg, str(tmp_path / "teacher.yaml"))
-    wpath = save_weights(tcfg, str(tmp_path / "teacher.pth"))
-    cfg = tiny_cfg("RetinaNet", width=32)
-    cfg.MODEL.RETINANET.NORM = "GN"
-    cfg.TID.STUDENT_META_ARCHITECTURE = "RetinaNet"
-    cfg.MODEL.META_ARCHITECTURE = "TIDDistiller"
-    cfg.TID.TEACHER.CONFIG_FILE = tpath
-    cfg.TID.TEACHER.WEIGHTS = wpath
+    cfg = tid_cfg(str(tmp_path), "RetinaNet", "tid", 32, 32, retinanet_norm="GN")
     cfg.TID.REGION.WEIGHTS = [1.0, 1.0, 1.0]
     model = build_model(cfg)
     assert any(isinstance(m, torch.nn.GroupNorm) for m in model.student.head.modules())
-    model.load_state_dict(torch.load(wpath, weights_only=True)["model"])
+    model.load_state_dict(torch.load(cfg.TID.TEACHER.WEIGHTS, weights_only=True)["model"])
     model.train()
     for m in model.student.modules():  # the teacher runs BN on running statistics
         if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
