@@ -68,7 +68,7 @@ VAL, TEST = "tid_shapes_val", "tid_shapes_test"
 # setting of every table so far (from-scratch ResNet-18 student); "plateau": ImageNet-initialised
 # MobileNetV2-FPN32 1-conv students trained 6000 iterations, the schedule and split chosen on val
 # (benchmarks/plateau_curve.py), a MobileNetV2-FPN128 4-conv teacher trained 4000
-# (configs/shapes/*_plateau.yaml).
+# (configs/shapes/*_plateau.yaml: FCOS, RetinaNet, GFL, ATSS; none for Faster R-CNN).
 SETTINGS = {
     "standard": dict(
         config="tid_{fam}.yaml",
@@ -100,6 +100,19 @@ EXTRA_VARIANTS = {
 VARIANTS = [*MODES[:-1], *EXTRA_VARIANTS, MODES[-1]]
 # the variants a benchmark runs unless --modes says otherwise (the TID.MODE values)
 DEFAULT_VARIANTS = list(MODES)
+
+
+def families_of_setting(config_dir, setting):
+    """The families with both of ``setting``'s configs (student and teacher) in ``config_dir``."""
+    keys = ("config", "teacher_config")
+    return [
+        fam
+        for fam in FAMILIES
+        if all(
+            os.path.isfile(os.path.join(config_dir, SETTINGS[setting][k].format(fam=fam)))
+            for k in keys
+        )
+    ]
 
 
 def variant_opts(variant, loss_weights=None):
@@ -490,6 +503,13 @@ def main(argv=None):
         args.workers = 0
     fam = args.family
     teacher_iters = args.teacher_iters or args.iters
+    for key in ("config", "teacher_config"):
+        path = os.path.join(args.config_dir, setting[key].format(fam=fam))
+        if not os.path.isfile(path):
+            p.error(
+                f"--family {fam} --setting {args.setting}: no config {path}; this setting has "
+                f"configs for: {', '.join(families_of_setting(args.config_dir, args.setting))}"
+            )
 
     from tid_d2.data import ensure_generated
 

@@ -486,9 +486,10 @@ def test_variants_settings_and_val_chosen_loss_weights(tmp_path):
             config_dir=os.path.join(REPO, "configs", "shapes"),
             loss_weights=weights,
         )
-        # the plateau setting has configs for FCOS and RetinaNet, the standard one for every family
-        families = ("fcos", "retinanet") if setting == "plateau" else BENCHMARK_FAMILIES
-        for fam in families:
+        # the plateau setting has configs for the dense families (FCOS, RetinaNet, GFL, ATSS), the
+        # standard one for every family
+        dense = [fam for fam in BENCHMARK_FAMILIES if fam != "rcnn"]
+        for fam in dense if setting == "plateau" else BENCHMARK_FAMILIES:
             teacher = get_cfg()
             teacher.merge_from_file(
                 os.path.join(
@@ -502,6 +503,20 @@ def test_variants_settings_and_val_chosen_loss_weights(tmp_path):
                 cfg.merge_from_list(opts)
                 validate_tid_cfg(cfg)
                 assert cfg.TID.STUDENT_META_ARCHITECTURE == teacher.MODEL.META_ARCHITECTURE
+
+
+def test_a_family_without_the_settings_configs_is_refused_by_name(tmp_path, capsys):
+    """--setting plateau has configs for the dense families only: asking it of Faster R-CNN
+    stops before any data or training with the missing config and the families it has."""
+    bench = _benchmark_script("run_benchmark")
+    shapes = os.path.join(REPO, "configs", "shapes")
+    assert bench.families_of_setting(shapes, "plateau") == ["retinanet", "fcos", "atss", "gfl"]
+    assert bench.families_of_setting(shapes, "standard") == bench.FAMILIES
+    with pytest.raises(SystemExit):
+        bench.main(["--family", "rcnn", "--setting", "plateau", "--output", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert "tid_rcnn_plateau.yaml" in err and "retinanet, fcos, atss, gfl" in err
+    assert not os.path.exists(tmp_path / "o")
 
 
 def test_the_chosen_lambda_grid_point_is_the_benchmarks_first_seed_run(tmp_path):
@@ -584,7 +599,7 @@ def test_loss_shares_reads_per_level_imitation_from_the_training_log(tmp_path):
     script = _benchmark_script("loss_shares")
     windows = ["--window", "0", "2", "--window", "2", "3"]
     script.main([str(run), *windows, "--results", str(tmp_path), "--name", "ls"])
-    (first, second) = json.load(open(tmp_path / "ls.json"))["runs"][str(run)]
+    first, second = json.load(open(tmp_path / "ls.json"))["runs"][str(run)]
     # iterations 0-1: p3 mean 0.4, p4 0.1 -> imitation 0.5, detection 2.0
     assert first["imitation"] == pytest.approx(0.5)
     assert first["detection"] == pytest.approx(2.0)
