@@ -56,6 +56,7 @@ from tid_d2.runs import (  # noqa: E402
     machine_info,
     mark_teacher,
     mean_std,
+    repo_relative,
     reuse_state,
     threads_per_run,
     train_net,
@@ -139,9 +140,41 @@ def chosen_loss_weights(path):
         return {k: float(v) for k, v in json.load(f)["chosen"].items()}
 
 
+def split_name(args):
+    """The stem of ``--student-config`` (another split of the setting), None for the setting's own
+    student config."""
+    path = getattr(args, "student_config", None)
+    return os.path.splitext(os.path.basename(path))[0] if path else None
+
+
+def check_split_teacher(parser, path, config_dir, setting, fam):
+    """``--student-config`` must exist and distil from the setting's teacher config, the one whose
+    cached weights the benchmark passes: another teacher's config would load weights of another
+    model. Errors through ``parser`` naming both configs."""
+    if not os.path.isfile(path):
+        parser.error(f"--student-config {path}: no such file")
+    from tid_d2.config import get_cfg
+
+    cfg = get_cfg()
+    cfg.merge_from_file(path)
+    theirs = os.path.abspath(os.path.join(REPO_ROOT, cfg.TID.TEACHER.CONFIG_FILE))
+    ours = os.path.abspath(os.path.join(config_dir, setting["teacher_config"].format(fam=fam)))
+    if theirs != ours:
+        parser.error(
+            f"--student-config {path}: its TID.TEACHER.CONFIG_FILE is {cfg.TID.TEACHER.CONFIG_FILE}, "
+            f"the setting's cached teacher is {repo_relative(ours)}; a split shares the setting's "
+            "teacher (set TID.TEACHER.CONFIG_FILE to it, or use another --setting)"
+        )
+
+
 def _variant_run(args, fam, mode, seed, teacher_weights, out_root, extra):
-    """(output folder, config file, train_net.py overrides) of one (variant, seed) run."""
-    out = os.path.join(out_root, f"{fam}_{mode}_s{seed}")
+    """(output folder, config file, train_net.py overrides) of one (variant, seed) run: the
+    setting's TID config, or ``--student-config`` (another split) whose runs are named
+    ``<family>_<its stem>_<variant>_s<seed>`` beside the setting's, against the same teacher."""
+    split = split_name(args)
+    out = os.path.join(
+        out_root, f"{fam}_{split}_{mode}_s{seed}" if split else f"{fam}_{mode}_s{seed}"
+    )
     opts = [
         "SEED",
         str(seed),
@@ -159,6 +192,8 @@ def _variant_run(args, fam, mode, seed, teacher_weights, out_root, extra):
         "VIS_PERIOD",
         "0",
     ] + extra
+    if split:
+        return out, os.path.abspath(args.student_config), opts
     config = SETTINGS[args.setting]["config"].format(fam=fam)
     return out, os.path.join(args.config_dir, config), opts
 
@@ -180,7 +215,7 @@ def benchmark_run(args, fam, mode, seed, teacher_weights, out_root, extra):
     test, choosing on val only), so the chosen point is not trained twice."""
     out, config, opts = _variant_run(args, fam, mode, seed, teacher_weights, out_root, extra)
     weight = (getattr(args, "loss_weights", None) or {}).get(mode)
-    if weight is None or seed != args.seeds[0] or extra:
+    if weight is None or seed != args.seeds[0] or extra or split_name(args):
         return out, config, opts
     grid = grid_folder(grid_root(out_root), fam, mode, weight)
     try:
@@ -210,6 +245,8 @@ def _run_variant(args, fam, mode, seed, teacher_weights, out_root, extra, thread
     # another table, or pooled by paired.py, keeps the settings it was trained with
     record["opts"] = list(extra)
     record["resumed"] = state == "resumable"
+    # --student-config: the split this record belongs to (None: the setting's own)
+    record["student_config"] = repo_relative(config) if split_name(args) else None
     record["lambda_grid_run"] = os.path.dirname(out) == grid_root(out_root)
     record.update({f: v for f, v in final_ap(out, TEST).items()})
     record.update({f"val_{f}": v for f, v in final_ap(out, VAL).items()})
@@ -245,15 +282,16 @@ def same_teacher(ap_a, ap_b):
     return abs(ap_a - ap_b) <= 1e-6
 
 
-def merge_records(records, paths, fam, iters, teacher_ap, modes=None):
+def merge_records(records, paths, fam, iters, teacher_ap, modes=None, student_config=None):
     """Add the records of earlier invocations (their ``<stem>_runs.json`` files, ``paths``) for
     every (variant, seed) this invocation did not run, so one table can gather runs trained in
     separate sessions; ``modes`` (None: all) limits which variants are taken from the files, so a
     run with overrides can borrow the student alone without also borrowing, say, a ``fitnet``
     trained at another loss weight. A run is deterministic given its seed and teacher, so a merged
     record stands for the run this invocation would have made, provided it was trained with the
-    same family, schedule and teacher: a differing family or iteration count, or a teacher whose
-    test AP differs, is an error. Returns (records sorted by seed then variant, the merged files'
+    same family, schedule, teacher and student config: a differing family, iteration count or
+    ``--student-config`` (``student_config``, repo-relative; None for the setting's own), or a
+    teacher whose test AP differs, is an error. Returns (records sorted by seed then variant, the merged files'
     commands); merged records carry ``merged_from`` (the file's name)."""
     have = {(r["mode"], r["seed"]) for r in records}
     merged, commands = list(records), []
@@ -275,6 +313,13 @@ def merge_records(records, paths, fam, iters, teacher_ap, modes=None):
                 raise ValueError(
                     f"--merge {path}: a {r['family']} run of {r['iterations']} iterations cannot "
                     f"join a {fam} table of {iters} iterations; pass --family/--iters to match"
+                )
+            if r.get("student_config") != student_config:
+                theirs = r.get("student_config") or "the setting's student config"
+                ours = student_config or "the setting's student config"
+                raise ValueError(
+                    f"--merge {path}: its {r['mode']} s{r['seed']} run trained {theirs}, this "
+                    f"table is of {ours}: another split's students do not join its table"
                 )
             if modes is not None and r["mode"] not in modes:
                 continue
@@ -408,6 +453,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--iters", type=int, default=None, help="student schedule (default: setting's)")
     p.add_argument(
+        "--student-config",
+        default=None,
+        help="another split of the setting: this TID config instead of the setting's (its own "
+        "student, the setting's teacher config in TID.TEACHER, which this benchmark replaces by "
+        "its cached teacher); runs <family>_<config stem>_<variant>_s<seed> in --output, default "
+        "--name <setting's>_<config stem>, records that --merge keeps apart from other splits'",
+    )
+    p.add_argument(
         "--teacher-iters",
         type=int,
         default=None,
@@ -503,6 +556,11 @@ def main(argv=None):
         args.workers = 0
     fam = args.family
     teacher_iters = args.teacher_iters or args.iters
+    if args.student_config:
+        check_split_teacher(p, args.student_config, args.config_dir, setting, fam)
+    student_config = (
+        repo_relative(os.path.abspath(args.student_config)) if args.student_config else None
+    )
     for key in ("config", "teacher_config"):
         path = os.path.join(args.config_dir, setting[key].format(fam=fam))
         if not os.path.isfile(path):
@@ -533,7 +591,7 @@ def main(argv=None):
         mark_teacher(teacher_dir, teacher_iters)
     teacher_ap = final_ap(teacher_dir, TEST)["AP"]
     try:  # fail before training the students, not after
-        merge_records([], args.merge, fam, args.iters, teacher_ap, args.merge_modes)
+        merge_records([], args.merge, fam, args.iters, teacher_ap, args.merge_modes, student_config)
     except (OSError, ValueError) as e:
         p.error(str(e))
 
@@ -565,11 +623,13 @@ def main(argv=None):
         )
 
     records, merged_commands = merge_records(
-        records, args.merge, fam, args.iters, teacher_ap, args.merge_modes
+        records, args.merge, fam, args.iters, teacher_ap, args.merge_modes, student_config
     )
 
     os.makedirs(args.results, exist_ok=True)
     stem = args.name or (f"{fam}_quick" if args.quick else setting["stem"].format(fam=fam))
+    if split_name(args) and not args.name:
+        stem += f"_{split_name(args)}"
     cost_json = os.path.join(args.results, f"{fam}_cost.json")
     cost_rows = {}
     # cost.py measures the standard setting's models; the plateau setting has none measured yet
@@ -583,6 +643,7 @@ def main(argv=None):
             {
                 "teacher_AP": teacher_ap,
                 "teacher_iterations": teacher_iters,
+                "student_config": student_config,
                 "command": shlex.join(sys.argv),
                 "machine": machine_info(),
                 "code": code_version(),

@@ -519,6 +519,70 @@ def test_a_family_without_the_settings_configs_is_refused_by_name(tmp_path, caps
     assert not os.path.exists(tmp_path / "o")
 
 
+def test_another_split_shares_the_teacher_and_keeps_its_own_runs_and_records(tmp_path, capsys):
+    """--student-config (another split of a setting): its runs are named by the config beside the
+    setting's, against the same cached teacher; it must name the setting's teacher config; and
+    --merge refuses a record of another split."""
+    import json
+    from types import SimpleNamespace
+
+    from tid_d2.config import get_cfg
+    from tid_d2.modeling.distiller import validate_tid_cfg
+
+    bench = _benchmark_script("run_benchmark")
+    shapes = os.path.join(REPO, "configs", "shapes")
+    split = os.path.join(shapes, "tid_retinanet_plateau_fpn16.yaml")
+    args = SimpleNamespace(
+        iters=10, eval_period=5, seeds=[0], workers=0, setting="plateau", config_dir=shapes
+    )
+    out, config, _ = bench._variant_run(args, "retinanet", "tid", 0, "t.pth", "/o", [])
+    assert (out, config) == (
+        "/o/retinanet_tid_s0",
+        os.path.join(shapes, "tid_retinanet_plateau.yaml"),
+    )
+    args.student_config = split
+    out, config, opts = bench._variant_run(args, "retinanet", "tid", 0, "t.pth", "/o", [])
+    assert out == "/o/retinanet_tid_retinanet_plateau_fpn16_tid_s0" and config == split
+    cfg = get_cfg()
+    cfg.merge_from_file(config)
+    cfg.merge_from_list(opts)
+    validate_tid_cfg(cfg)
+    assert (cfg.MODEL.FPN.OUT_CHANNELS, cfg.MODEL.RETINANET.NORM) == (16, "")
+    assert cfg.TID.TEACHER.WEIGHTS == "t.pth"  # the benchmark's cached teacher
+    bench.check_split_teacher(None, split, shapes, bench.SETTINGS["plateau"], "retinanet")
+
+    # a split distilling from another teacher config is refused before anything runs
+    other = tmp_path / "other_teacher.yaml"
+    other.write_text(
+        f'_BASE_: "{split}"\nTID:\n  TEACHER:\n    CONFIG_FILE: "configs/shapes/retinanet_mnv2_teacher.yaml"\n'
+    )
+    argv = ["--family", "retinanet", "--setting", "plateau", "--output", str(tmp_path / "o")]
+    with pytest.raises(SystemExit):
+        bench.main(argv + ["--student-config", str(other)])
+    err = capsys.readouterr().err
+    assert "retinanet_mnv2_teacher.yaml" in err and "retinanet_mnv2_teacher_plateau.yaml" in err
+    with pytest.raises(SystemExit):
+        bench.main(argv + ["--student-config", str(tmp_path / "missing.yaml")])
+    assert "no such file" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "o")
+
+    # --merge keeps splits apart: a record of the setting's own student does not join a split's
+    # table, nor the other way round
+    record = dict(family="retinanet", mode="none", seed=1, iterations=10, student_config=None)
+    runs = tmp_path / "runs.json"
+    runs.write_text(json.dumps({"teacher_AP": 50.0, "command": "x", "runs": [record]}))
+    mine = "configs/shapes/tid_retinanet_plateau_fpn16.yaml"
+    with pytest.raises(ValueError, match="another split"):
+        bench.merge_records([], [str(runs)], "retinanet", 10, 50.0, None, mine)
+    merged, _ = bench.merge_records([], [str(runs)], "retinanet", 10, 50.0)
+    assert [r["seed"] for r in merged] == [1]
+    record.pop("student_config")  # records written before --student-config: the setting's own
+    runs.write_text(json.dumps({"teacher_AP": 50.0, "command": "x", "runs": [record]}))
+    assert len(bench.merge_records([], [str(runs)], "retinanet", 10, 50.0)[0]) == 1
+    with pytest.raises(ValueError, match="another split"):
+        bench.merge_records([], [str(runs)], "retinanet", 10, 50.0, None, mine)
+
+
 def test_the_chosen_lambda_grid_point_is_the_benchmarks_first_seed_run(tmp_path):
     """lambda_grid.py trains each point exactly as the benchmark's seed-0 run of that variant
     (val and test at the end); once a point is chosen and finished, run_benchmark.py takes that
