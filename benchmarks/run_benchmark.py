@@ -140,11 +140,16 @@ def chosen_loss_weights(path):
         return {k: float(v) for k, v in json.load(f)["chosen"].items()}
 
 
-def split_name(args):
-    """The stem of ``--student-config`` (another split of the setting), None for the setting's own
-    student config."""
+def split_name(args, fam):
+    """The name of ``--student-config`` (another split of the setting): its file stem without the
+    setting's config stem, e.g. ``fpn16`` for ``tid_retinanet_plateau_fpn16.yaml``; None for the
+    setting's own student config."""
     path = getattr(args, "student_config", None)
-    return os.path.splitext(os.path.basename(path))[0] if path else None
+    if not path:
+        return None
+    stem = os.path.splitext(os.path.basename(path))[0]
+    own = os.path.splitext(SETTINGS[args.setting]["config"].format(fam=fam))[0] + "_"
+    return stem[len(own) :] if stem.startswith(own) and len(stem) > len(own) else stem
 
 
 def check_split_teacher(parser, path, config_dir, setting, fam):
@@ -170,8 +175,9 @@ def check_split_teacher(parser, path, config_dir, setting, fam):
 def _variant_run(args, fam, mode, seed, teacher_weights, out_root, extra):
     """(output folder, config file, train_net.py overrides) of one (variant, seed) run: the
     setting's TID config, or ``--student-config`` (another split) whose runs are named
-    ``<family>_<its stem>_<variant>_s<seed>`` beside the setting's, against the same teacher."""
-    split = split_name(args)
+    ``<family>_<split>_<variant>_s<seed>`` (:func:`split_name`) beside the setting's, against the
+    same teacher."""
+    split = split_name(args, fam)
     out = os.path.join(
         out_root, f"{fam}_{split}_{mode}_s{seed}" if split else f"{fam}_{mode}_s{seed}"
     )
@@ -215,7 +221,7 @@ def benchmark_run(args, fam, mode, seed, teacher_weights, out_root, extra):
     test, choosing on val only), so the chosen point is not trained twice."""
     out, config, opts = _variant_run(args, fam, mode, seed, teacher_weights, out_root, extra)
     weight = (getattr(args, "loss_weights", None) or {}).get(mode)
-    if weight is None or seed != args.seeds[0] or extra or split_name(args):
+    if weight is None or seed != args.seeds[0] or extra or split_name(args, fam):
         return out, config, opts
     grid = grid_folder(grid_root(out_root), fam, mode, weight)
     try:
@@ -246,7 +252,7 @@ def _run_variant(args, fam, mode, seed, teacher_weights, out_root, extra, thread
     record["opts"] = list(extra)
     record["resumed"] = state == "resumable"
     # --student-config: the split this record belongs to (None: the setting's own)
-    record["student_config"] = repo_relative(config) if split_name(args) else None
+    record["student_config"] = repo_relative(config) if split_name(args, fam) else None
     record["lambda_grid_run"] = os.path.dirname(out) == grid_root(out_root)
     record.update({f: v for f, v in final_ap(out, TEST).items()})
     record.update({f"val_{f}": v for f, v in final_ap(out, VAL).items()})
@@ -457,8 +463,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="another split of the setting: this TID config instead of the setting's (its own "
         "student, the setting's teacher config in TID.TEACHER, which this benchmark replaces by "
-        "its cached teacher); runs <family>_<config stem>_<variant>_s<seed> in --output, default "
-        "--name <setting's>_<config stem>, records that --merge keeps apart from other splits'",
+        "its cached teacher); SPLIT is its file stem less the setting's config stem (fpn16 for "
+        "tid_retinanet_plateau_fpn16.yaml): runs <family>_<SPLIT>_<variant>_s<seed> in --output, "
+        "default --name <setting's>_<SPLIT>, records that --merge keeps apart from other splits'",
     )
     p.add_argument(
         "--teacher-iters",
@@ -628,8 +635,8 @@ def main(argv=None):
 
     os.makedirs(args.results, exist_ok=True)
     stem = args.name or (f"{fam}_quick" if args.quick else setting["stem"].format(fam=fam))
-    if split_name(args) and not args.name:
-        stem += f"_{split_name(args)}"
+    if split_name(args, fam) and not args.name:
+        stem += f"_{split_name(args, fam)}"
     cost_json = os.path.join(args.results, f"{fam}_cost.json")
     cost_rows = {}
     # cost.py measures the standard setting's models; the plateau setting has none measured yet

@@ -542,7 +542,8 @@ def test_another_split_shares_the_teacher_and_keeps_its_own_runs_and_records(tmp
     )
     args.student_config = split
     out, config, opts = bench._variant_run(args, "retinanet", "tid", 0, "t.pth", "/o", [])
-    assert out == "/o/retinanet_tid_retinanet_plateau_fpn16_tid_s0" and config == split
+    assert out == "/o/retinanet_fpn16_tid_s0" and config == split
+    assert bench.split_name(args, "retinanet") == "fpn16"
     cfg = get_cfg()
     cfg.merge_from_file(config)
     cfg.merge_from_list(opts)
