@@ -13,7 +13,12 @@ overrides), so ``run_benchmark.py --setting plateau --reuse`` takes it as finish
   two seeds; "pending" otherwise);
 - something to distil: the teacher's val AP at least 5 AP above the student's at 2 S.
 
+With ``--teacher`` it trains (or reads) only the teacher at twice its schedule (2 T), evaluated on
+val every ``TEST.EVAL_PERIOD`` of the teacher's config, and the report adds the teacher's own
+plateau check (val AP at T minus at 2 T) and the lead a longer-trained teacher would have.
+
     python benchmarks/plateau_curve.py --family fcos --reuse --parallel 2
+    python benchmarks/plateau_curve.py --family retinanet --reuse --teacher
 """
 
 import argparse
@@ -58,6 +63,19 @@ def _candidate_run(args, iters, name):
     opts += ["DATALOADER.NUM_WORKERS", str(args.workers), "VIS_PERIOD", "0"]
     config = os.path.join(args.config_dir, setting["config"].format(fam=args.family))
     return (f"candidate {args.candidate}, {name} = {iters}", out, config, opts, iters)
+
+
+def teacher_long_run(args):
+    """(label, folder, config, overrides, iterations) of the teacher at twice the setting's
+    schedule (2 T), the cached teacher's config and overrides otherwise, evaluated on val only:
+    whether the cached teacher (T) is at its own plateau, and how far ahead a longer one is."""
+    setting = SETTINGS["plateau"]
+    iters = 2 * setting["teacher_iters"]
+    out = os.path.join(args.output, f"{args.family}_teacher_{iters}")
+    opts = ["SOLVER.MAX_ITER", str(iters), "DATASETS.TEST", f"('{VAL}',)"]
+    opts += ["DATALOADER.NUM_WORKERS", str(args.workers), "VIS_PERIOD", "0"]
+    config = os.path.join(args.config_dir, setting["teacher_config"].format(fam=args.family))
+    return (f"teacher, 2 T = {iters}", out, config, opts, iters)
 
 
 def runs(args):
@@ -123,7 +141,7 @@ def seed_std(args):
     )
 
 
-def plot(curves, teacher, path, family):
+def plot(curves, teacher, path, family, teacher2=None):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -137,6 +155,9 @@ def plot(curves, teacher, path, family):
     if teacher:
         x, y = zip(*teacher)
         ax.plot(x, y, "-s", ms=3, color="k", label="teacher")
+    if teacher2:
+        x, y = zip(*teacher2)
+        ax.plot(x, y, "--s", ms=3, color="0.4", label="teacher, 2 T")
     ax.set_xlabel("iteration")
     ax.set_ylabel(f"AP on {VAL}")
     ax.set_title(f"{family}, plateau setting: val AP during training (seed 0)")
@@ -178,10 +199,18 @@ def main(argv=None):
         help="train (or read) only a candidate student of another split, named NAME, given by the "
         "KEY VALUE overrides that follow; the report adds its row and its teacher-lead check",
     )
+    p.add_argument(
+        "--teacher",
+        action="store_true",
+        help="train (or read) only the teacher at twice its schedule; the report adds its plateau "
+        "check and the lead it would have",
+    )
     p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides of --candidate")
     args = p.parse_args(argv)
     if args.opts and not args.candidate:
         p.error("KEY VALUE overrides need --candidate NAME")
+    if args.teacher and args.candidate:
+        p.error("--teacher trains the teacher only; run --candidate separately")
 
     from tid_d2.data import ensure_generated
 
@@ -189,7 +218,13 @@ def main(argv=None):
         ensure_generated(f"tid_shapes_{split}")
     start = time.time()
     todo = runs(args)
-    train = [] if args.report_only else (candidate_runs(args) if args.candidate else todo)
+    long_teacher = teacher_long_run(args)
+    if args.report_only:
+        train = []
+    elif args.teacher:
+        train = [long_teacher]
+    else:
+        train = candidate_runs(args) if args.candidate else todo
     if args.candidate:
         todo = todo + candidate_runs(args)
     threads = threads_per_run(min(args.parallel, max(1, len(train))))
@@ -199,6 +234,10 @@ def main(argv=None):
     teacher_dir = os.path.join(args.bench_output, f"{args.family}_teacher")
     teacher = ap_curve(teacher_dir, VAL)
     teacher_done = bool(teacher) and teacher[-1][0] >= SETTINGS["plateau"]["teacher_iters"]
+    # the teacher at 2 T: reported when trained here or already there
+    t2_label, t2_out, *_, t2_iters = long_teacher
+    teacher2 = ap_curve(t2_out, VAL)
+    teacher2_done = bool(teacher2) and teacher2[-1][0] >= t2_iters
 
     (s_label, *_), (l_label, *_) = todo[:2]
     final = {label: (c[-1] if c else None) for label, c in curves.items()}
@@ -227,6 +266,16 @@ def main(argv=None):
             "final": f"{teacher[-1][1]:.2f}" if teacher_done else "unfinished",
         }
     )
+    if teacher2:
+        rows.append(
+            {
+                "run": t2_label,
+                "val AP per evaluation (iteration: AP)": ", ".join(
+                    f"{it}: {ap:.1f}" for it, ap in teacher2
+                ),
+                "final": f"{teacher2[-1][1]:.2f}" if teacher2_done else "unfinished",
+            }
+        )
     checks = []
     if done[s_label] and done[l_label]:
         diff = final[s_label][1] - final[l_label][1]
@@ -242,12 +291,13 @@ def main(argv=None):
     else:
         checks.append("- plateau: pending (a run is unfinished).")
 
-    def lead_check(name, label, suffix=""):
+    def lead_check(name, label, suffix="", teacher_ap=None, teacher_name="teacher"):
         """'- name: teacher minus the student of ``label`` ... holds / does NOT hold'."""
-        lead = teacher[-1][1] - final[label][1]
+        teacher_ap = teacher[-1][1] if teacher_ap is None else teacher_ap
+        lead = teacher_ap - final[label][1]
         ok = "holds" if lead >= MIN_TEACHER_LEAD else "does NOT hold"
         return (
-            f"- {name}: teacher val AP {teacher[-1][1]:.2f} minus the student's at {label} "
+            f"- {name}: {teacher_name} val AP {teacher_ap:.2f} minus the student's at {label} "
             f"{final[label][1]:.2f} = {lead:+.2f} (needs >= {MIN_TEACHER_LEAD:.0f}): {ok}{suffix}."
         )
 
@@ -257,6 +307,32 @@ def main(argv=None):
         checks.append(lead_check("something to distil", s_label, f" at S ({l_label} unfinished)"))
     else:
         checks.append("- something to distil: pending (teacher or the 2 S run unfinished).")
+    if args.teacher or teacher2:
+        if teacher_done and teacher2_done:
+            diff = teacher[-1][1] - teacher2[-1][1]
+            verdict = (
+                "pending (no seed std)"
+                if std is None
+                else ("holds" if abs(diff) <= std else "does NOT hold")
+            )
+            checks.append(
+                f"- teacher plateau: val AP at T = {teacher[-1][0]} minus at 2 T = {t2_iters} = "
+                f"{diff:+.2f}; one seed std of the student alone = "
+                + (f"{std:.2f}" if std is not None else "unknown")
+                + f": {verdict}."
+            )
+            where = l_label if done[l_label] else (s_label if done[s_label] else None)
+            if where:
+                checks.append(
+                    lead_check(
+                        "something to distil from the 2 T teacher",
+                        where,
+                        teacher_ap=teacher2[-1][1],
+                        teacher_name=t2_label,
+                    )
+                )
+        else:
+            checks.append("- teacher plateau: pending (the teacher or its 2 T run unfinished).")
     if args.candidate:
         (c_s, *_), (c_l, *_) = todo[2:4]
         if done[c_s] and done[c_l]:
@@ -284,6 +360,7 @@ def main(argv=None):
             )
 
     stem = f"{args.family}_plateau_curve" + (f"_{args.candidate}" if args.candidate else "")
+    stem += "_teacher" if args.teacher else ""
     os.makedirs(args.results, exist_ok=True)
     text = (
         f"### {args.family}, plateau setting: the student alone's schedule on {VAL} (seed 0)\n\n"
@@ -302,6 +379,7 @@ def main(argv=None):
                 "iters": args.iters,
                 "curves": curves,
                 "teacher_curve": teacher,
+                "teacher_2T_curve": teacher2,
                 "seed_std": std,
                 "machine": machine_info(),
                 "code": code_version(),
@@ -310,7 +388,7 @@ def main(argv=None):
             f,
             indent=1,
         )
-    plot(curves, teacher, os.path.join(args.results, f"{stem}.png"), args.family)
+    plot(curves, teacher, os.path.join(args.results, f"{stem}.png"), args.family, teacher2)
     print(text)
     return 0
 

@@ -821,3 +821,46 @@ def test_paired_keeps_variants_trained_with_other_overrides_apart(tmp_path):
     assert [p[1:3] for p in pairs["fgd"]] == [(1, 8.0)]
     rows = paired.pooled_table(pairs).splitlines()[2:]
     assert [r.split(" | ")[0].strip("| ") for r in rows] == ["fgd", "fgd TID.FGD.LOSS_WEIGHT 0.005"]
+
+
+def _fake_run(folder, max_iter, val_aps):
+    """A run folder as plateau_curve.py reads it: config.yaml with SOLVER.MAX_ITER and a
+    metrics.json with one val evaluation per (iterations trained, AP)."""
+    os.makedirs(folder)
+    with open(os.path.join(folder, "config.yaml"), "w") as f:
+        f.write(f"SOLVER:\n  MAX_ITER: {max_iter}\n")
+    with open(os.path.join(folder, "metrics.json"), "w") as f:
+        for it, ap in val_aps:
+            f.write(json.dumps({"iteration": it - 1, "tid_shapes_val/bbox/AP": ap}) + "\n")
+
+
+def test_plateau_curve_checks_the_teachers_own_plateau_and_a_longer_teachers_lead(
+    tmp_path, monkeypatch
+):
+    """``--teacher`` reports the teacher at T against 2 T on the student's seed std, and the lead
+    a 2 T teacher has over the student at 2 S beside the cached teacher's (hand-computed)."""
+    import tid_d2.data
+
+    monkeypatch.setattr(tid_d2.data, "ensure_generated", lambda name: None)
+    curve = _benchmark_script("plateau_curve")
+    bench, out, results = tmp_path / "bench", tmp_path / "curve", tmp_path / "results"
+    _fake_run(str(bench / "retinanet_teacher"), 4000, [(2000, 58.0), (4000, 62.0)])
+    _fake_run(str(bench / "retinanet_none_s0"), 6000, [(3000, 55.0), (6000, 58.5)])
+    _fake_run(str(out / "retinanet_none_s0_12000"), 12000, [(6000, 57.0), (12000, 59.0)])
+    _fake_run(str(out / "retinanet_teacher_8000"), 8000, [(4000, 60.0), (8000, 65.5)])
+    argv = ["--family", "retinanet", "--teacher", "--report-only", "--seed-std", "0.5"]
+    argv += ["--bench-output", str(bench), "--output", str(out), "--results", str(results)]
+    assert curve.main(argv) == 0
+    text = (results / "retinanet_plateau_curve_teacher.md").read_text()
+    assert "| teacher, 2 T = 8000 | 4000: 60.0, 8000: 65.5 | 65.50 |" in text
+    # plateau of the student: 58.5 - 59.0 = -0.50, within one std (0.5)
+    assert "= -0.50; one seed std = 0.50 (--seed-std): holds." in text
+    # the cached teacher leads the student at 2 S by 3.0 only; the 2 T teacher by 6.5
+    assert "62.00 minus the student's at 2 S = 12000 59.00 = +3.00 (needs >= 5): does NOT" in text
+    assert "teacher plateau: val AP at T = 4000 minus at 2 T = 8000 = -3.50" in text
+    assert "does NOT hold." in text.split("teacher plateau")[1].split("\n")[0]
+    assert "2 T = 8000 val AP 65.50 minus the student's at 2 S = 12000 59.00 = +6.50" in text
+    data = json.loads((results / "retinanet_plateau_curve_teacher.json").read_text())
+    assert data["teacher_2T_curve"] == [[4000, 60.0], [8000, 65.5]]
+    with pytest.raises(SystemExit):
+        curve.main(["--family", "retinanet", "--teacher", "--candidate", "x", "A", "1"])
