@@ -24,6 +24,7 @@ plateau check (val AP at T minus at 2 T) and the lead a longer-trained teacher w
 import argparse
 import json
 import os
+import shlex
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -351,7 +352,7 @@ def main(argv=None):
         where = c_l if done[c_l] else c_s
         if teacher_done and done[where]:
             suffix = (
-                f" (`{' '.join(args.opts)}`" + ("" if where == c_l else "; 2 S unfinished") + ")"
+                f" (`{shlex.join(args.opts)}`" + ("" if where == c_l else "; 2 S unfinished") + ")"
             )
             checks.append(lead_check(f"candidate {args.candidate}", where, suffix))
         else:
