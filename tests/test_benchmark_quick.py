@@ -864,3 +864,66 @@ def test_plateau_curve_checks_the_teachers_own_plateau_and_a_longer_teachers_lea
     assert data["teacher_2T_curve"] == [[4000, 60.0], [8000, 65.5]]
     with pytest.raises(SystemExit):
         curve.main(["--family", "retinanet", "--teacher", "--candidate", "x", "A", "1"])
+
+
+class _FakeDetector:
+    """The two things head_swap.py reads of a detector: ``preprocess_image`` (-> .tensor) and a
+    ``backbone`` with ``output_shape``; here the "image" is the feature map itself, mapped by a
+    fixed 1x1 linear map ``weight`` (C_out, C_in) plus ``bias``."""
+
+    def __init__(self, weight, bias, stride=8):
+        import torch
+        from detectron2.layers import ShapeSpec
+
+        class _Backbone(torch.nn.Module):
+            def output_shape(self):
+                return {"p3": ShapeSpec(channels=weight.shape[0], stride=stride)}
+
+            def forward(self, x):
+                return {"p3": torch.einsum("oc,nchw->nohw", weight, x) + bias[None, :, None, None]}
+
+        self.backbone = _Backbone()
+
+    def preprocess_image(self, chunk):
+        import torch
+
+        return type("ImageList", (), {"tensor": torch.stack([x["image"] for x in chunk])})
+
+
+def test_head_swap_fits_a_linear_map_exactly_and_scores_r2_by_hand():
+    """Teacher features an exact affine map of the student's: the least-squares 1x1 conv recovers
+    it and explains all of their variance, over all locations and inside the boxes; a map that
+    predicts zero scores 1 - sum t^2 / sum (t - mean)^2 (hand-computed)."""
+    import torch
+    from detectron2.structures import Boxes, Instances
+
+    swap = _benchmark_script("head_swap")
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(5, 3, generator=g)
+    b = torch.tensor([1.0, -2.0, 0.5, 0.0, 3.0])
+    student = _FakeDetector(torch.eye(3), torch.zeros(3))
+    teacher = _FakeDetector(a, b)
+    images = []
+    for _ in range(4):
+        inst = Instances((16, 16))
+        inst.gt_boxes = Boxes(torch.tensor([[0.0, 0.0, 9.0, 9.0]]))  # the centre (4, 4) only
+        images.append({"image": torch.randn(3, 2, 2, generator=g), "instances": inst})
+    maps = swap.fit_maps(student, teacher, images, ridge=0.0)
+    assert torch.allclose(maps["p3"].weight[:, :, 0, 0], a, atol=1e-4)
+    assert torch.allclose(maps["p3"].bias, b, atol=1e-4)
+    r2_all, r2_fg = swap.explained_variance(maps, student, teacher, images)["p3"]
+    assert r2_all == pytest.approx(1.0, abs=1e-6) and r2_fg == pytest.approx(1.0, abs=1e-6)
+    # the fg mask: one location of four per image (centre (4, 4) at stride 8 lies in the box)
+    chunk = next(swap.level_features(student, teacher, images))
+    assert chunk["p3"][2].tolist() == [True, False, False, False] * 4
+
+    zero = {"p3": torch.nn.Conv2d(3, 5, 1)}
+    torch.nn.init.zeros_(zero["p3"].weight)
+    torch.nn.init.zeros_(zero["p3"].bias)
+    t = chunk["p3"][1]
+    expect_all = 1 - float((t**2).sum()) / float(((t - t.mean(0)) ** 2).sum())
+    fg = t[chunk["p3"][2]]
+    expect_fg = 1 - float((fg**2).sum()) / float(((fg - fg.mean(0)) ** 2).sum())
+    got_all, got_fg = swap.explained_variance(zero, student, teacher, images)["p3"]
+    assert got_all == pytest.approx(expect_all, rel=1e-6)
+    assert got_fg == pytest.approx(expect_fg, rel=1e-6)
