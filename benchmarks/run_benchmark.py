@@ -97,6 +97,9 @@ SETTINGS = {
 EXTRA_VARIANTS = {
     "tid_locations": ("tid", ["TID.REGION.NORMALIZE", "locations"]),
     "tid_channel_norm": ("tid", ["TID.FEATURE_NORM", "channel"]),
+    # adapters at 333 x BASE_LR = 1 / lambda at the plateau lambda 0.003: at that lambda the
+    # adapters otherwise stay within 3-7 % of their random start (benchmarks/head_swap.py)
+    "tid_adapter_lr333": ("tid", ["TID.ADAPTER_LR_SCALE", "333.0"]),
 }
 VARIANTS = [*MODES[:-1], *EXTRA_VARIANTS, MODES[-1]]
 # the variants a benchmark runs unless --modes says otherwise (the TID.MODE values)

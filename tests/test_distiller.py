@@ -169,6 +169,43 @@ def test_fixed_adapters_stay_out_of_the_optimizer_and_pass_gradients_on(tmp_path
     assert all(f"tid_adapters.adapters.{lv}.weight" in state for lv in model.in_features)
 
 
+def test_adapter_lr_scale_multiplies_only_the_adapters_learning_rate(tmp_path):
+    """TID.ADAPTER_LR_SCALE: the adapters' parameter groups get BASE_LR x scale (biases x
+    BIAS_LR_FACTOR as well), every other group BASE_LR; the scheduler keeps the ratio; a
+    non-positive scale is refused by name."""
+    from tid_d2.engine import Trainer
+    from tid_d2.modeling.distiller import validate_tid_cfg
+
+    cfg = tid_cfg(str(tmp_path), "RetinaNet", "tid", teacher_width=32, student_width=16)
+    cfg.SOLVER.BASE_LR, cfg.SOLVER.BIAS_LR_FACTOR, cfg.TID.ADAPTER_LR_SCALE = 0.01, 2.0, 50.0
+    model = build_model(cfg)
+    optimizer = Trainer.build_optimizer(cfg, model)
+    adapter_weights = {id(m.weight) for m in model.tid_adapters.adapters.values()}
+    adapter_biases = {id(m.bias) for m in model.tid_adapters.adapters.values()}
+    seen = set()
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            seen.add(id(p))
+            if id(p) in adapter_weights:
+                assert group["lr"] == pytest.approx(0.5)
+            elif id(p) in adapter_biases:
+                assert group["lr"] == pytest.approx(1.0)
+            else:
+                assert group["lr"] in (pytest.approx(0.01), pytest.approx(0.02))
+    assert adapter_weights | adapter_biases <= seen
+    scheduler = Trainer.build_lr_scheduler(cfg, optimizer)
+    for _ in range(3):
+        optimizer.step()
+        scheduler.step()
+    lrs = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    student_w = id(model.student.backbone.fpn_output3.weight)
+    some_adapter = next(iter(adapter_weights))
+    assert lrs[some_adapter] / lrs[student_w] == pytest.approx(50.0)
+    cfg.TID.ADAPTER_LR_SCALE = 0.0
+    with pytest.raises(ValueError, match="TID.ADAPTER_LR_SCALE must be > 0"):
+        validate_tid_cfg(cfg)
+
+
 def test_equal_widths_use_identity_adapters_unless_conv(tmp_path):
     cfg = tid_cfg(str(tmp_path), "RetinaNet", "tid", teacher_width=16, student_width=16)
     assert len(build_model(cfg).tid_adapters.adapters) == 0

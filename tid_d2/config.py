@@ -126,6 +126,12 @@ def add_tid_config(cfg):
     # detached), so that a randomly initialised phi_l does not push random directions into the
     # student before it has learned to map student to teacher features [ours].
     _C.TID.ADAPTER_WARMUP_ITERS = 0
+    # Learning rate of the adapters phi_l relative to SOLVER.BASE_LR [ours]. Their gradient comes
+    # from lambda * L_tid only, so at a small lambda they barely move (RetinaNet plateau,
+    # lambda 0.003: 3-7 % off their random start after 6000 iterations, benchmarks/head_swap.py);
+    # 1 / lambda gives them the steps of an unweighted imitation loss. Read by tid_d2's yacs
+    # Trainer; a LazyConfig sets its optimizer's parameter groups itself.
+    _C.TID.ADAPTER_LR_SCALE = 1.0
     # Normalise teacher and adapted student features before the squared error [ours]:
     # "none" = raw features; "channel" = per image and channel, zero mean and unit std over the
     # level's locations (as PKD does for heterogeneous teacher / student pairs).

@@ -249,6 +249,48 @@ class Trainer(TIDTrainerMixin, DefaultTrainer):
         self.cfg = cfg
         self.register_hooks(self.build_hooks())
 
+    @classmethod
+    def build_optimizer(cls, cfg, model):
+        """detectron2's optimizer, with the adapters' learning rate scaled by
+        ``TID.ADAPTER_LR_SCALE`` (the distiller's ``tid_adapters``, biases x BIAS_LR_FACTOR as
+        well)."""
+        scale = cfg.TID.ADAPTER_LR_SCALE
+        if scale == 1.0:
+            return super().build_optimizer(cfg, model)
+        from detectron2.solver.build import get_default_optimizer_params
+        from detectron2.solver.build import maybe_add_gradient_clipping
+
+        def groups(module, base_lr):
+            return get_default_optimizer_params(
+                module,
+                base_lr=base_lr,
+                weight_decay_norm=cfg.SOLVER.WEIGHT_DECAY_NORM,
+                bias_lr_factor=cfg.SOLVER.BIAS_LR_FACTOR,
+                weight_decay_bias=cfg.SOLVER.WEIGHT_DECAY_BIAS,
+            )
+
+        # two calls rather than detectron2's lr_factor_func, which its bias override undoes
+        adapters = getattr(model, "tid_adapters", None)
+        own = [p for p in adapters.parameters() if p.requires_grad] if adapters else []
+        for p in own:  # out of the first call
+            p.requires_grad_(False)
+        try:
+            params = groups(model, cfg.SOLVER.BASE_LR)
+        finally:
+            for p in own:
+                p.requires_grad_(True)
+        if own:
+            params += groups(adapters, cfg.SOLVER.BASE_LR * scale)
+        sgd = torch.optim.SGD(
+            params,
+            lr=cfg.SOLVER.BASE_LR,
+            momentum=cfg.SOLVER.MOMENTUM,
+            nesterov=cfg.SOLVER.NESTEROV,
+            weight_decay=cfg.SOLVER.WEIGHT_DECAY,
+            foreach=True,
+        )
+        return maybe_add_gradient_clipping(cfg, sgd)
+
     def resume_or_load(self, resume=True):
         super().resume_or_load(resume=resume)
         if self._sampler is not None:  # continue the data stream where the checkpoint left it

@@ -150,6 +150,11 @@ def validate_tid_cfg(cfg) -> None:
         )
     if tid.FGD.LOSS_WEIGHT < 0:
         raise ValueError("TID.FGD.LOSS_WEIGHT must be >= 0")
+    if not tid.ADAPTER_LR_SCALE > 0:
+        raise ValueError(
+            f"TID.ADAPTER_LR_SCALE must be > 0 (the adapters' LR over SOLVER.BASE_LR), got "
+            f"{tid.ADAPTER_LR_SCALE}; to keep the adapters fixed set TID.ADAPTER_TRAIN False"
+        )
     if tid.MODE in METHOD_KEY_GROUPS and tid.FEATURE_NORM != "none":
         raise ValueError(
             f"TID.FEATURE_NORM {tid.FEATURE_NORM!r} applies to the SFDM modes; TID.MODE "
