@@ -142,6 +142,13 @@ def seed_std(args):
     )
 
 
+def within_std(diff, std):
+    """The plateau verdict of an AP difference against one seed std."""
+    if std is None:
+        return "pending (no seed std)"
+    return "holds" if abs(diff) <= std else "does NOT hold"
+
+
 def plot(curves, teacher, path, family, teacher2=None):
     import matplotlib
 
@@ -311,11 +318,7 @@ def main(argv=None):
     if args.teacher or teacher2:
         if teacher_done and teacher2_done:
             diff = teacher[-1][1] - teacher2[-1][1]
-            verdict = (
-                "pending (no seed std)"
-                if std is None
-                else ("holds" if abs(diff) <= std else "does NOT hold")
-            )
+            verdict = within_std(diff, std)
             checks.append(
                 f"- teacher plateau: val AP at T = {teacher[-1][0]} minus at 2 T = {t2_iters} = "
                 f"{diff:+.2f}; one seed std of the student alone = "
@@ -338,11 +341,7 @@ def main(argv=None):
         (c_s, *_), (c_l, *_) = todo[2:4]
         if done[c_s] and done[c_l]:
             diff = final[c_s][1] - final[c_l][1]
-            verdict = (
-                "pending (no seed std)"
-                if std is None
-                else ("holds" if abs(diff) <= std else "does NOT hold")
-            )
+            verdict = within_std(diff, std)
             checks.append(
                 f"- candidate {args.candidate} plateau: val AP at {c_s} minus at {c_l} = "
                 f"{diff:+.2f}: {verdict}."
