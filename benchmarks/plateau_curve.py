@@ -233,6 +233,13 @@ def main(argv=None):
         train = [long_teacher]
     else:
         train = candidate_runs(args) if args.candidate else todo
+        # the S run is the benchmark's none s0 run: once finished it is read as the benchmark
+        # trained it, with whatever overrides that invocation had (e.g. a TID.LOSS_WEIGHT, idle
+        # for the student alone), not refused for differing from this script's
+        s_run = todo[0]
+        s_curve = ap_curve(s_run[1], VAL)
+        if args.reuse and s_curve and s_curve[-1][0] >= s_run[4]:
+            train = [r for r in train if r is not s_run]
     if args.candidate:
         todo = todo + candidate_runs(args)
     threads = threads_per_run(min(args.parallel, max(1, len(train))))

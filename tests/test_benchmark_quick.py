@@ -927,3 +927,23 @@ def test_head_swap_fits_a_linear_map_exactly_and_scores_r2_by_hand():
     got_all, got_fg = swap.explained_variance(zero, student, teacher, images)["p3"]
     assert got_all == pytest.approx(expect_all, rel=1e-6)
     assert got_fg == pytest.approx(expect_fg, rel=1e-6)
+
+
+def test_plateau_curve_reads_the_benchmarks_finished_s_run_whatever_its_overrides(
+    tmp_path, monkeypatch
+):
+    """The S run is run_benchmark's none s0 run; finished, --reuse reads it even when that
+    invocation had other overrides (a TID.LOSS_WEIGHT) and trains only what is missing."""
+    import tid_d2.data
+
+    monkeypatch.setattr(tid_d2.data, "ensure_generated", lambda name: None)
+    curve = _benchmark_script("plateau_curve")
+    trained = []
+    monkeypatch.setattr(curve, "_train", lambda args, run, threads: trained.append(run[0]))
+    bench, out = tmp_path / "bench", tmp_path / "curve"
+    _fake_run(str(bench / "retinanet_teacher"), 4000, [(4000, 62.0)])
+    _fake_run(str(bench / "retinanet_none_s0"), 6000, [(6000, 58.5)])
+    argv = ["--family", "retinanet", "--reuse", "--parallel", "1", "--seed-std", "0.5"]
+    argv += ["--bench-output", str(bench), "--output", str(out), "--results", str(tmp_path)]
+    assert curve.main(argv) == 0
+    assert trained == ["2 S = 12000"]
