@@ -351,7 +351,6 @@ def main(argv=None):
     for ckpt in args.checkpoint:
         DetectionCheckpointer(distiller).load(ckpt)
         distiller.eval()
-        student = distiller.student
         name = repo_relative(ckpt)
         s_ap = evaluate(student, cfg, args.dataset)
         maps = fit_maps(student, teacher, fit_images, args.ridge)

@@ -142,6 +142,21 @@ def seed_std(args):
     )
 
 
+def finished(curve, iters):
+    """Whether a run's val curve [(iterations, AP)] has its evaluation at the schedule's end."""
+    return bool(curve) and curve[-1][0] >= iters
+
+
+def curve_row(run, curve, done):
+    """A report row: the run, its val AP per evaluation, its final AP or "unfinished"."""
+    return {
+        "run": run,
+        "val AP per evaluation (iteration: AP)": ", ".join(f"{it}: {ap:.1f}" for it, ap in curve)
+        or "-",
+        "final": f"{curve[-1][1]:.2f}" if curve and done else "unfinished",
+    }
+
+
 def within_std(diff, std):
     """The plateau verdict of an AP difference against one seed std."""
     if std is None:
@@ -237,8 +252,7 @@ def main(argv=None):
         # trained it, with whatever overrides that invocation had (e.g. a TID.LOSS_WEIGHT, idle
         # for the student alone), not refused for differing from this script's
         s_run = todo[0]
-        s_curve = ap_curve(s_run[1], VAL)
-        if args.reuse and s_curve and s_curve[-1][0] >= s_run[4]:
+        if args.reuse and finished(ap_curve(s_run[1], VAL), s_run[4]):
             train = [r for r in train if r is not s_run]
     if args.candidate:
         todo = todo + candidate_runs(args)
@@ -248,49 +262,23 @@ def main(argv=None):
     curves = {label: ap_curve(out, VAL) for label, out, *_ in todo}
     teacher_dir = os.path.join(args.bench_output, f"{args.family}_teacher")
     teacher = ap_curve(teacher_dir, VAL)
-    teacher_done = bool(teacher) and teacher[-1][0] >= SETTINGS["plateau"]["teacher_iters"]
+    teacher_done = finished(teacher, SETTINGS["plateau"]["teacher_iters"])
     # the teacher at 2 T: reported when trained here or already there
     t2_label, t2_out, *_, t2_iters = long_teacher
     teacher2 = ap_curve(t2_out, VAL)
-    teacher2_done = bool(teacher2) and teacher2[-1][0] >= t2_iters
+    teacher2_done = finished(teacher2, t2_iters)
 
     (s_label, *_), (l_label, *_) = todo[:2]
     final = {label: (c[-1] if c else None) for label, c in curves.items()}
     # a run is finished when its last evaluation is at its own schedule's end
-    done = {label: bool(curves[label]) and curves[label][-1][0] >= n for label, *_, n in todo}
+    done = {label: finished(curves[label], n) for label, *_, n in todo}
     std, std_from = seed_std(args)
-    rows = []
-    for label, curve in curves.items():
-        rows.append(
-            {
-                "run": f"student alone, {label}",
-                "val AP per evaluation (iteration: AP)": ", ".join(
-                    f"{it}: {ap:.1f}" for it, ap in curve
-                )
-                or "-",
-                "final": f"{curve[-1][1]:.2f}" if curve and done[label] else "unfinished",
-            }
-        )
-    rows.append(
-        {
-            "run": "teacher",
-            "val AP per evaluation (iteration: AP)": ", ".join(
-                f"{it}: {ap:.1f}" for it, ap in teacher
-            )
-            or "-",
-            "final": f"{teacher[-1][1]:.2f}" if teacher_done else "unfinished",
-        }
-    )
+    rows = [
+        curve_row(f"student alone, {label}", curve, done[label]) for label, curve in curves.items()
+    ]
+    rows.append(curve_row("teacher", teacher, teacher_done))
     if teacher2:
-        rows.append(
-            {
-                "run": t2_label,
-                "val AP per evaluation (iteration: AP)": ", ".join(
-                    f"{it}: {ap:.1f}" for it, ap in teacher2
-                ),
-                "final": f"{teacher2[-1][1]:.2f}" if teacher2_done else "unfinished",
-            }
-        )
+        rows.append(curve_row(t2_label, teacher2, teacher2_done))
     checks = []
     if done[s_label] and done[l_label]:
         diff = final[s_label][1] - final[l_label][1]
