@@ -13,6 +13,10 @@ For each ``--checkpoint`` of a student trained with a TID config, it evaluates o
   checkpoint, so students trained with and without imitation compare on equal terms;
 - ``teacher head on student FPN, trained adapter``: the same with the distiller's own adapters
   (``tid_adapters.*``), when the checkpoint has them;
+- ``teacher head on teacher FPN, projected onto the adapter's image``: the teacher's own features
+  replaced by the closest point a 1x1 adapter ``A s + b`` can output (``b + A A^+ (t - b)`` per
+  location): what the imitation loss, through these adapters, can teach at best, whatever the
+  student's features; its R^2 is the share of the teacher's variance any student can match;
 
 and once, the teacher itself, and the teacher's head on the teacher's own FPN through this same
 code path (it must equal the teacher's AP: a check of the swap). It also reports, per level, the
@@ -252,6 +256,26 @@ def adapter_drift(run_dir, teacher_weights, trained_state):
     return out
 
 
+def adapter_image_maps(adapters, levels):
+    """{level: nn.Conv2d(C_T, C_T, 1)} that moves teacher features t to the nearest output of the
+    adapter ``A s + b`` (A: (C_T, C_S), least squares over s): ``b + P (t - b)``, P = A A^+ the
+    projector onto A's columns, i.e. the conv ``P t + (I - P) b``."""
+    import torch
+    import torch.nn as nn
+
+    out = {}
+    for lv in levels:
+        conv = adapters.adapters[lv]
+        a = conv.weight.detach()[:, :, 0, 0].double()
+        b = conv.bias.detach().double() if conv.bias is not None else torch.zeros(a.shape[0])
+        proj = a @ torch.linalg.pinv(a)
+        m = nn.Conv2d(a.shape[0], a.shape[0], kernel_size=1)
+        m.weight.data.copy_(proj.reshape(*proj.shape, 1, 1).float())
+        m.bias.data.copy_((b - proj @ b).float())
+        out[lv] = m
+    return out
+
+
 def with_backbone(model, backbone):
     """A shallow copy of detector ``model`` whose ``backbone`` is ``backbone``; ``model`` itself
     keeps its own (the copy gets its own module table)."""
@@ -395,6 +419,24 @@ def main(argv=None):
                     "AP": f"{a_ap['AP']:.2f}",
                 }
             )
+            # the best any student can do through these adapters: the teacher's own features
+            # projected onto what the adapters can output
+            image = adapter_image_maps(trained, levels)
+            c_r2 = explained_variance(image, teacher, teacher, held_out)
+            c_ap = evaluate(
+                with_backbone(teacher, swap_backbone(teacher.backbone, image, teacher.backbone)),
+                cfg,
+                args.dataset,
+            )
+            rec["adapter_image_R2"], rec["adapter_image_AP"] = c_r2, c_ap
+            rows.append(
+                {
+                    "model": "teacher head on teacher FPN projected onto the adapter's image",
+                    "checkpoint": name,
+                    "R^2": r2_text(c_r2),
+                    "AP": f"{c_ap['AP']:.2f}",
+                }
+            )
         records.append(rec)
 
     text = (
@@ -403,7 +445,10 @@ def main(argv=None):
         + f"\n\nR^2: per level ({', '.join(teacher.backbone.output_shape())}), the fraction of the "
         "teacher features' variance the map's output explains, over all locations (over those "
         f"inside a ground-truth box), on {args.fit_images} training images other than the "
-        f"{args.fit_images} the least-squares map was fitted on (ridge {args.ridge}).\n\n"
+        f"{args.fit_images} the least-squares map was fitted on (ridge {args.ridge}). "
+        "Projected onto the adapter's image: each location's teacher feature t replaced by "
+        "b + A A^+ (t - b), the nearest output of the 1x1 adapter A s + b for any s; its R^2 is "
+        "the most of the teacher's variance a student can match through those adapters.\n\n"
         + (
             "The trained adapters against their start (rebuilt from the run's config and seed):\n"
             + "\n".join(drift_lines)

@@ -947,3 +947,45 @@ def test_plateau_curve_reads_the_benchmarks_finished_s_run_whatever_its_override
     argv += ["--bench-output", str(bench), "--output", str(out), "--results", str(tmp_path)]
     assert curve.main(argv) == 0
     assert trained == ["2 S = 12000"]
+
+
+def test_head_swap_projects_teacher_features_onto_the_adapters_image_by_hand():
+    """An adapter whose columns span the first two of five teacher channels (bias b): the nearest
+    adapter output to t keeps t's first two channels and sets the other three to b's; its R^2 is
+    1 - sum (t[:, 2:] - b[2:])^2 / sum (t - mean t)^2 (hand-computed); a teacher inside the image
+    is matched exactly."""
+    import torch
+    from detectron2.structures import Boxes, Instances
+
+    swap = _benchmark_script("head_swap")
+    g = torch.Generator().manual_seed(1)
+    conv = torch.nn.Conv2d(2, 5, 1)
+    a = torch.zeros(5, 2)
+    a[0, 0], a[1, 0], a[1, 1] = 2.0, 1.0, -3.0  # spans channels 0 and 1
+    conv.weight.data.copy_(a[:, :, None, None])
+    b = torch.tensor([0.5, -1.0, 2.0, 0.0, 1.0])
+    conv.bias.data.copy_(b)
+    adapters = type("Adapters", (), {"adapters": {"p3": conv}})
+    image = swap.adapter_image_maps(adapters, ["p3"])["p3"]
+    t = torch.randn(7, 5, generator=g, dtype=torch.float64)
+    got = image(t.float().T.reshape(1, 5, -1, 1)).double().reshape(5, -1).T
+    expect = t.clone()
+    expect[:, 2:] = b[2:].double()
+    assert torch.allclose(got, expect, atol=1e-5)
+
+    images = []
+    for _ in range(3):
+        inst = Instances((16, 16))
+        inst.gt_boxes = Boxes(torch.tensor([[0.0, 0.0, 9.0, 9.0]]))
+        images.append({"image": torch.randn(5, 2, 2, generator=g), "instances": inst})
+    teacher = _FakeDetector(torch.eye(5), torch.zeros(5))
+    r2_all, _ = swap.explained_variance({"p3": image}, teacher, teacher, images)["p3"]
+    feats = next(swap.level_features(teacher, teacher, images))["p3"][1]
+    rss = float(((feats[:, 2:] - b[2:].double()) ** 2).sum())
+    assert r2_all == pytest.approx(1 - rss / float(((feats - feats.mean(0)) ** 2).sum()), rel=1e-5)
+    inside = _FakeDetector(a, b)  # teacher = A s + b: inside the adapter's image
+    two = [
+        {"image": torch.randn(2, 2, 2, generator=g), "instances": x["instances"]} for x in images
+    ]
+    r2_in, _ = swap.explained_variance({"p3": image}, inside, inside, two)["p3"]
+    assert r2_in == pytest.approx(1.0, abs=1e-5)
