@@ -267,7 +267,7 @@ def adapter_image_maps(adapters, levels):
     for lv in levels:
         conv = adapters.adapters[lv]
         a = conv.weight.detach()[:, :, 0, 0].double()
-        b = conv.bias.detach().double() if conv.bias is not None else torch.zeros(a.shape[0])
+        b = conv.bias.detach().double() if conv.bias is not None else torch.zeros_like(a[:, 0])
         proj = a @ torch.linalg.pinv(a)
         m = nn.Conv2d(a.shape[0], a.shape[0], kernel_size=1)
         m.weight.data.copy_(proj.reshape(*proj.shape, 1, 1).float())
