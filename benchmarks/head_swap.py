@@ -146,7 +146,6 @@ def fit_maps(student, teacher, images, ridge):
         {level: nn.Conv2d(C_S, C_T, 1)}.
     """
     import torch
-    import torch.nn as nn
 
     gram, cross = {}, {}
     for chunk in level_features(student, teacher, images):
@@ -160,11 +159,22 @@ def fit_maps(student, teacher, images, ridge):
         penalty = torch.zeros_like(g)
         penalty[:c_s, :c_s] = torch.eye(c_s, dtype=g.dtype) * ridge * g.diagonal()[:c_s].mean()
         w = torch.linalg.solve(g + penalty, cross[lv])  # (C_S + 1, C_T)
-        conv = nn.Conv2d(c_s, w.shape[1], kernel_size=1)
-        conv.weight.data.copy_(w[:c_s].T.reshape(w.shape[1], c_s, 1, 1).float())
-        conv.bias.data.copy_(w[c_s].float())
-        maps[lv] = conv
+        maps[lv] = conv1x1(w[:c_s].T, w[c_s])
     return maps
+
+
+def conv1x1(weight, bias):
+    """The 1x1 ``nn.Conv2d`` computing ``weight @ x + bias`` at each location (float32).
+
+    Args:
+        weight: (C_out, C_in); bias: (C_out,).
+    """
+    import torch.nn as nn
+
+    conv = nn.Conv2d(weight.shape[1], weight.shape[0], kernel_size=1)
+    conv.weight.data.copy_(weight.reshape(*weight.shape, 1, 1).float())
+    conv.bias.data.copy_(bias.float())
+    return conv
 
 
 def explained_variance(maps, student, teacher, images):
@@ -261,7 +271,6 @@ def adapter_image_maps(adapters, levels):
     adapter ``A s + b`` (A: (C_T, C_S), least squares over s): ``b + P (t - b)``, P = A A^+ the
     projector onto A's columns, i.e. the conv ``P t + (I - P) b``."""
     import torch
-    import torch.nn as nn
 
     out = {}
     for lv in levels:
@@ -269,10 +278,7 @@ def adapter_image_maps(adapters, levels):
         a = conv.weight.detach()[:, :, 0, 0].double()
         b = conv.bias.detach().double() if conv.bias is not None else torch.zeros_like(a[:, 0])
         proj = a @ torch.linalg.pinv(a)
-        m = nn.Conv2d(a.shape[0], a.shape[0], kernel_size=1)
-        m.weight.data.copy_(proj.reshape(*proj.shape, 1, 1).float())
-        m.bias.data.copy_((b - proj @ b).float())
-        out[lv] = m
+        out[lv] = conv1x1(proj, b - proj @ b)
     return out
 
 
